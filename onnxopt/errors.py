@@ -1,0 +1,44 @@
+"""Error types, and the exit codes the CLI maps them to.
+
+Every error the user can cause is an :class:`InputError` (exit 2) with a one-line message that names
+the file and the problem. A quality gate that is not met (verification, accuracy budget) is a
+:class:`QualityGateError` (exit 1). Anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class OnnxoptError(Exception):
+    """Base class of the errors onnxopt raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(OnnxoptError):
+    """Bad input: a missing or malformed file, a wrong recipe, feeds that do not fit the model."""
+
+    exit_code = 2
+
+
+class QualityGateError(OnnxoptError):
+    """The result was computed but misses a declared budget (fidelity, accuracy, regression)."""
+
+    exit_code = 1
+
+
+class VerificationError(QualityGateError):
+    """A pass changed the model's outputs by more than its declared tolerance."""
+
+    def __init__(self, pass_name: str, output: str, node: str | None, detail: str) -> None:
+        self.pass_name = pass_name
+        self.output = output
+        self.node = node
+        where = f"output '{output}'" + (f" (produced by node '{node}')" if node else "")
+        super().__init__(f"pass '{pass_name}' breached its tolerance at {where}: {detail}")

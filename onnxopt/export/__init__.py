@@ -1,0 +1,1 @@
+"""Export models from PyTorch, TensorFlow/Keras or ONNX files, verified numerically."""

@@ -1,0 +1,145 @@
+"""Model inputs ("feeds"): synthesized from the model's signature, or read from ``.npz`` and checked.
+
+Feeds are plain ``dict[str, numpy.ndarray]``. Synthesized feeds are seeded, so the verification of
+every pass, and every benchmark, sees the same inputs.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import InputError
+
+Feeds = dict[str, np.ndarray]
+
+# Integer inputs get values from this range (token ids, indices) unless the name says "mask".
+_INT_HIGH = 100
+
+
+def parse_shape_overrides(specs: list[str] | None) -> dict[str, dict[str, int] | list[int]]:
+    """Parse ``--shape`` options: ``name=1x3x224x224`` (a whole input) or ``batch=4`` (a symbolic dim)."""
+    overrides: dict[str, dict[str, int] | list[int]] = {}
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        try:
+            dims = [int(d) for d in value.lower().split("x")] if sep else None
+        except ValueError:
+            dims = None
+        if not name or not dims or any(d < 1 for d in dims):
+            raise InputError(f"bad --shape '{spec}': expected NAME=1x3x224x224 or DIM=4")
+        overrides[name] = dims
+    return overrides
+
+
+def input_specs(model: ir.Model) -> list[tuple[str, np.dtype, list[int | str | None]]]:
+    """Name, numpy dtype and dims (ints, symbolic names or None) of each real graph input."""
+    initializers = set(model.graph.initializers)
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in initializers:  # IR < 4 lists initializers as inputs too
+            continue
+        if value.type is None or not isinstance(value.type, ir.TensorType):
+            raise InputError(f"input '{value.name}' is not a tensor; onnxopt needs tensor inputs")
+        dtype = value.dtype.numpy()
+        dims: list[int | str | None] = []
+        if value.shape is not None:
+            for d in value.shape:
+                dims.append(d if isinstance(d, int) else (d.value if d.value else None))
+        specs.append((value.name, dtype, dims))
+    return specs
+
+
+def synthesize_feeds(
+    model: ir.Model,
+    *,
+    batch: int = 1,
+    shapes: Mapping[str, list[int]] | None = None,
+    seed: int = 0,
+) -> Feeds:
+    """Seeded random inputs matching the model's signature.
+
+    Symbolic dimensions take ``shapes[dim_name]`` (e.g. ``seq=128``), else ``batch`` for the first
+    axis and 1 elsewhere. ``shapes[input_name]`` replaces a whole input's shape.
+    """
+    shapes = dict(shapes or {})
+    rng = np.random.default_rng(seed)
+    feeds: Feeds = {}
+    for name, dtype, dims in input_specs(model):
+        if name in shapes:
+            shape = list(shapes[name])
+        else:
+            shape = []
+            for axis, d in enumerate(dims):
+                if isinstance(d, int):
+                    shape.append(d)
+                elif isinstance(d, str) and d in shapes:
+                    shape.append(int(shapes[d][0]))
+                else:
+                    shape.append(batch if axis == 0 else 1)
+        feeds[name] = _random_array(rng, name, dtype, shape)
+    return feeds
+
+
+def _random_array(rng: np.random.Generator, name: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        if "mask" in name.lower():
+            return np.ones(shape, dtype=dtype)
+        return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read every array of an ``.npz`` file, with a one-line error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"not a readable .npz file ({exc})", path) from exc
+
+
+def load_feeds(path: str | Path, model: ir.Model) -> Feeds:
+    """Read feeds from ``.npz`` and check names, dtypes and ranks against the model's inputs."""
+    arrays = load_npz(path)
+    return check_feeds(arrays, model, path)
+
+
+def check_feeds(arrays: Mapping[str, np.ndarray], model: ir.Model, path: str | Path | None = None) -> Feeds:
+    """Check feed names, dtypes and static dims against the model; raise :class:`InputError`."""
+    specs = input_specs(model)
+    expected = {name for name, _, _ in specs}
+    missing = sorted(expected - set(arrays))
+    extra = sorted(set(arrays) - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {missing}")
+        if extra:
+            parts.append(f"unknown name(s) {extra}")
+        raise InputError("; ".join(parts) + f" (model inputs: {sorted(expected)})", path)
+    feeds: Feeds = {}
+    for name, dtype, dims in specs:
+        array = np.asarray(arrays[name])
+        if array.dtype != dtype:
+            raise InputError(f"input '{name}' has dtype {array.dtype}, the model expects {dtype}", path)
+        if dims and array.ndim != len(dims):
+            raise InputError(
+                f"input '{name}' has shape {list(array.shape)}, the model expects rank {len(dims)} {dims}",
+                path,
+            )
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and array.shape[axis] != d:
+                raise InputError(
+                    f"input '{name}' has shape {list(array.shape)}, the model expects {dims}", path
+                )
+        feeds[name] = array
+    return feeds

@@ -1,0 +1,216 @@
+"""The pass pipeline: runs a recipe's passes in order with instruments around each one.
+
+Instruments, not pass bodies, do the book-keeping: timing, model statistics, verification against
+ONNX Runtime, and optional checkpoints. Verification runs the rewritten model with the reference
+session (optimizations off, one thread) on seeded inputs after every pass that modified the model,
+and compares it with the model the pass received, within the pass's declared budget. Drift from
+the original model is recorded too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt import metrics, runner
+from onnxopt.errors import InputError, OnnxoptError, VerificationError
+from onnxopt.feeds import Feeds, synthesize_feeds
+from onnxopt.model_io import check_proto, save_model
+from onnxopt.recipes import RecipeLike, Step, load_recipe
+from onnxopt.registry import OptPass, PassContext
+from onnxopt.stats import ModelStats, model_stats
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did: its options, time, statistics after it, and its fidelity."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    seconds: float
+    stats: dict[str, Any]
+    budget: str
+    fidelity: dict[str, dict[str, float]]  # per output, against the model the pass received
+    drift: dict[str, dict[str, float]]  # per output, against the original model
+    notes: dict[str, Any]
+
+
+@dataclasses.dataclass
+class OptimizationReport:
+    """Per-pass records plus the before/after statistics; JSON is the source of truth."""
+
+    recipe: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    passes: list[PassRecord]
+    needs_onnxruntime: bool = False
+    schema_version: int = REPORT_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        """The per-pass waterfall as a Markdown table."""
+        rows = [
+            "| step | params | size (KiB) | zipped (KiB) | MACs | nodes | time (s) | worst cosine vs original |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            _md_row("original", self.before, 0.0, None),
+        ]
+        for rec in self.passes:
+            worst = min((m["cosine"] for m in rec.drift.values()), default=None)
+            rows.append(_md_row(rec.name + ("" if rec.modified else " (no change)"), rec.stats, rec.seconds, worst))
+        return f"### Recipe `{self.recipe}`\n\n" + "\n".join(rows) + "\n"
+
+
+def _md_row(name: str, stats: dict[str, Any], seconds: float, cosine: float | None) -> str:
+    cos = "" if cosine is None else f"{cosine:.6f}"
+    return (f"| {name} | {stats['params']:,} | {stats['size_bytes'] / 1024:.1f} | "
+            f"{stats['zipped_bytes'] / 1024:.1f} | {stats['total_macs']:,} | {stats['nodes']} | "
+            f"{seconds:.2f} | {cos} |")
+
+
+class Pipeline:
+    """An ordered list of steps, built from a recipe, run over a model."""
+
+    def __init__(self, steps: list[Step], *, name: str = "custom", verify: bool = True,
+                 checkpoint_dir: str | Path | None = None) -> None:
+        self.steps = steps
+        self.name = name
+        self.verify = verify
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    @classmethod
+    def from_recipe(cls, recipe: RecipeLike, **kwargs: Any) -> Pipeline:
+        name, steps = load_recipe(recipe)
+        return cls(steps, name=name, **kwargs)
+
+    def run(self, model: ir.Model, context: PassContext | None = None,
+            progress: Any = None) -> tuple[ir.Model, OptimizationReport]:
+        """Run every step on a copy of ``model``; the caller's model is left untouched.
+
+        ``progress``, if given, is called as ``progress(step_index, step_name)`` before each step.
+        """
+        context = context or PassContext()
+        model = model.clone()
+        if not context.verify_feeds:
+            context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
+        proto = ir.serde.serialize_model(model)
+        original = _run_all(proto, context.verify_feeds, "the input model")
+        before = model_stats(proto).to_dict()
+        previous = original
+        records: list[PassRecord] = []
+        needs_ort = False
+        for index, step in enumerate(self.steps):
+            if progress is not None:
+                progress(index, step.name)
+            opt_pass: OptPass = step.build(context)
+            start = time.perf_counter()
+            try:
+                result = opt_pass(model)
+            except OnnxoptError:
+                raise
+            except ir.passes.PassError as exc:
+                raise OnnxoptError(f"pass '{step.name}' failed: {exc}") from exc
+            seconds = time.perf_counter() - start
+            model = result.model
+            needs_ort = needs_ort or (result.modified and opt_pass.needs_onnxruntime)
+            proto = ir.serde.serialize_model(model)
+            fidelity: dict[str, dict[str, float]] = {}
+            drift: dict[str, dict[str, float]] = {}
+            if result.modified and self.verify:
+                _check_written(proto, step.name)
+                outputs = _run_all(proto, context.verify_feeds, f"the model after pass '{step.name}'")
+                fidelity = _verify(step.name, opt_pass.budget(), previous, outputs, model)
+                drift = _compare_all(original, outputs)
+                previous = outputs
+            if self.checkpoint_dir is not None:
+                save_model(proto, self.checkpoint_dir / f"{index + 1:02d}-{step.name}.onnx")
+            records.append(PassRecord(
+                name=step.name, options=step.options, modified=result.modified, seconds=seconds,
+                stats=model_stats(proto).to_dict(), budget=opt_pass.budget().describe(),
+                fidelity=fidelity, drift=drift, notes=opt_pass.notes,
+            ))
+        after = records[-1].stats if records else before
+        return model, OptimizationReport(self.name, before, after, records, needs_ort)
+
+
+def _check_written(proto: onnx.ModelProto, pass_name: str) -> None:
+    try:
+        check_proto(proto)
+    except InputError as exc:
+        raise OnnxoptError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
+
+
+def _run_all(proto: onnx.ModelProto, feeds: list[Feeds], what: str) -> list[dict[str, np.ndarray]]:
+    """Reference outputs for every feed batch."""
+    try:
+        session = runner.reference_session(proto.SerializeToString())
+        return [runner.run(session, f) for f in feeds]
+    except Exception as exc:  # ORT raises its own exception types for load and run failures
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what} does not run in ONNX Runtime: {message}") from exc
+
+
+def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Worst case over batches of every metric, per output."""
+    result: dict[str, dict[str, float]] = {}
+    for r_batch, o_batch in zip(ref, out):
+        for name, r in r_batch.items():
+            m = metrics.compare(r, o_batch[name]) if r.shape == o_batch[name].shape else {
+                "max_abs": float("inf"), "max_rel": float("inf"), "cosine": 0.0, "sqnr_db": 0.0}
+            worst = result.setdefault(name, m)
+            for key in ("max_abs", "max_rel"):
+                worst[key] = max(worst[key], m[key])
+            for key in ("cosine", "sqnr_db"):
+                worst[key] = min(worst[key], m[key])
+    return result
+
+
+def _verify(pass_name: str, budget: metrics.Budget, ref: list[dict[str, np.ndarray]],
+            out: list[dict[str, np.ndarray]], model: ir.Model) -> dict[str, dict[str, float]]:
+    """Raise :class:`VerificationError` naming the pass, output and node on a breach."""
+    for r_batch, o_batch in zip(ref, out):
+        for name, r in r_batch.items():
+            if name not in o_batch:
+                raise VerificationError(pass_name, name, None, "output disappeared")
+            breach = budget.check(r, o_batch[name])
+            if breach:
+                raise VerificationError(pass_name, name, _producer(model, name), breach)
+    return _compare_all(ref, out)
+
+
+def _producer(model: ir.Model, output_name: str) -> str | None:
+    for value in model.graph.outputs:
+        if value.name == output_name and value.producer() is not None:
+            node = value.producer()
+            return node.name or node.op_type
+    return None
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: infinities become strings, numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if np.isfinite(value) else str(value)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,102 @@
+"""Recipes: an ordered list of pass steps, given as a built-in name, a TOML/JSON file, or data.
+
+A step is ``{"pass": NAME, **options}`` (or just ``NAME``). Files hold ``[[steps]]`` tables (TOML)
+or ``{"steps": [...]}`` / ``[...]`` (JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from onnxopt.errors import InputError
+from onnxopt.registry import catalogue, make_config, pass_class
+
+# Built-in recipes by name. Pass modules add theirs with :func:`register_recipe`.
+BUILTIN_RECIPES: dict[str, list[dict[str, Any]]] = {}
+
+
+def register_recipe(name: str, steps: list[dict[str, Any] | str], *, replace: bool = False) -> None:
+    """Add a built-in recipe (called by pass modules at import)."""
+    if name in BUILTIN_RECIPES and not replace:
+        raise ValueError(f"recipe '{name}' is registered twice")
+    BUILTIN_RECIPES[name] = list(steps)
+
+
+def builtin_recipes() -> dict[str, list[dict[str, Any] | str]]:
+    """Every built-in recipe (importing ``onnxopt.passes`` registers them)."""
+    catalogue()
+    return dict(BUILTIN_RECIPES)
+
+RecipeLike = Union[str, Path, Sequence[Any], Mapping[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One validated pipeline step."""
+
+    name: str
+    options: dict[str, Any]
+
+    def build(self, context: Any = None) -> Any:
+        cls = pass_class(self.name)
+        return cls(make_config(cls, self.options), context)
+
+
+def load_recipe(recipe: RecipeLike) -> tuple[str, list[Step]]:
+    """Resolve ``recipe`` into ``(name, steps)``; every pass name and option is checked here."""
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        recipes = builtin_recipes()
+        if text in recipes:
+            return text, _steps(recipes[text], text)
+        path = Path(text)
+        if path.suffix.lower() in (".toml", ".json") or path.exists():
+            return path.stem, _steps(_read_recipe_file(path), path)
+        raise InputError(
+            f"unknown recipe '{text}' (built-in: {', '.join(recipes)}; or a .toml/.json file)"
+        )
+    if isinstance(recipe, Mapping):
+        return str(recipe.get("name", "custom")), _steps(recipe.get("steps", []), "recipe")
+    return "custom", _steps(recipe, "recipe")
+
+
+def _read_recipe_file(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError("no such recipe file", path)
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not a valid recipe file ({exc})", path) from exc
+    if isinstance(data, Mapping):
+        if "steps" not in data:
+            raise InputError("recipe has no 'steps' list", path)
+        data = data["steps"]
+    return data
+
+
+def _steps(raw: Any, where: str | Path) -> list[Step]:
+    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw:
+        raise InputError("a recipe needs a non-empty list of steps", where)
+    steps = []
+    for item in raw:
+        if isinstance(item, str):
+            name, options = item, {}
+        elif isinstance(item, Mapping) and isinstance(item.get("pass"), str):
+            options = {k: v for k, v in item.items() if k != "pass"}
+            name = item["pass"]
+        else:
+            raise InputError(f"bad recipe step {item!r}: expected a pass name or {{pass = NAME, ...}}", where)
+        try:
+            make_config(pass_class(name), options)  # validate now, build later
+        except InputError as exc:
+            raise InputError(exc.message, where) from exc
+        steps.append(Step(name, dict(options)))
+    return steps

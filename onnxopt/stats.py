@@ -1,0 +1,153 @@
+"""Model statistics: parameters, bytes on disk and zipped, MACs per op type, node histogram.
+
+MACs need static shapes: symbolic dimensions are set to 1 (or to ``shapes``) and ONNX shape
+inference fills in the rest. A node whose shapes stay unknown contributes no MACs and is counted in
+``macs_unknown_nodes``, so an under-count is visible rather than silent.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, to_ir
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
+           "ConvInteger", "MatMulInteger", "Attention", "MultiHeadAttention")
+
+
+@dataclasses.dataclass
+class ModelStats:
+    """What a model costs. ``macs`` is per op type, for batch 1 unless shapes say otherwise."""
+
+    params: int
+    size_bytes: int
+    zipped_bytes: int
+    macs: dict[str, int]
+    nodes: int
+    op_histogram: dict[str, int]
+    macs_unknown_nodes: int = 0
+
+    @property
+    def total_macs(self) -> int:
+        return sum(self.macs.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["total_macs"] = self.total_macs
+        return d
+
+
+def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None) -> ModelStats:
+    """Statistics of ``model``; serialized once for the byte counts."""
+    model = to_ir(model)
+    params = sum(
+        math.prod(v.const_value.shape.numpy()) if v.const_value is not None else 0
+        for v in model.graph.initializers.values()
+    )
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        # Too large for one protobuf; the tensors dominate, and are incompressible floats mostly.
+        size = zipped = tensor_bytes(model)
+        proto = None
+    else:
+        proto = ir.serde.serialize_model(model)
+        data = proto.SerializeToString()
+        size = len(data)
+        zipped = len(zlib.compress(data, 6))
+    hist = collections.Counter(node.op_type for node in model.graph.all_nodes())
+    macs, unknown = (_count_macs(proto, shapes) if proto is not None else ({}, 0))
+    return ModelStats(
+        params=int(params),
+        size_bytes=size,
+        zipped_bytes=zipped,
+        macs=macs,
+        nodes=sum(hist.values()),
+        op_histogram=dict(sorted(hist.items())),
+        macs_unknown_nodes=unknown,
+    )
+
+
+def _count_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[dict[str, int], int]:
+    proto = _with_static_inputs(proto, shapes or {})
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # shape inference rejects some contrib ops; count what we can
+        pass
+    known = _known_shapes(proto)
+    macs: collections.Counter[str] = collections.Counter()
+    unknown = 0
+    for node in proto.graph.node:
+        if node.op_type not in MAC_OPS:
+            continue
+        n = _node_macs(node, known)
+        if n is None:
+            unknown += 1
+        else:
+            macs[node.op_type] += n
+    return dict(sorted(macs.items())), unknown
+
+
+def _with_static_inputs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for inp in copy.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in shapes:
+            for d, v in zip(dims, shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(v)
+            continue
+        for d in dims:
+            if not d.HasField("dim_value"):
+                value = shapes.get(d.dim_param, [1])[0] if d.dim_param else 1
+                d.Clear()
+                d.dim_value = int(value)
+    return copy
+
+
+def _known_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    known: dict[str, list[int]] = {}
+    infos = list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)
+    for vi in infos:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            known[vi.name] = [d.dim_value for d in dims]
+    for init in proto.graph.initializer:
+        known[init.name] = list(init.dims)
+    return known
+
+
+def _node_macs(node: onnx.NodeProto, known: dict[str, list[int]]) -> int | None:
+    """Multiply-accumulates of one node, or None when its shapes are unknown."""
+    op = node.op_type
+    # Quantized ops carry scales/zero points between the data inputs.
+    data_in = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3)}.get(op, (0, 1))
+    a = known.get(node.input[data_in[0]]) if len(node.input) > data_in[0] else None
+    w = known.get(node.input[data_in[1]]) if len(node.input) > data_in[1] else None
+    out = known.get(node.output[0])
+    if op in ("Conv", "QLinearConv", "ConvInteger"):
+        if w is None or out is None:
+            return None
+        return math.prod(out) * math.prod(w[1:])  # each output: Cin/group * kernel MACs
+    if op == "ConvTranspose":
+        if a is None or w is None:
+            return None
+        return math.prod(a) * math.prod(w[1:])  # each input element scatters Cout/group * kernel
+    if op == "Gemm":
+        if out is None or a is None:
+            return None
+        trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+        k = a[0] if trans_a else a[1]
+        return math.prod(out) * k
+    if op in ("MatMul", "QLinearMatMul", "MatMulInteger"):
+        if out is None or a is None:
+            return None
+        return math.prod(out) * a[-1]
+    return None  # Attention and other fused ops: not counted yet
