@@ -1,0 +1,91 @@
+"""The library API: ``export``, ``optimize``, ``benchmark``, ``inspect``, ``load``, ``save``.
+
+Thin functions over the modules that do the work, so deployment code needs one import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.feeds import Feeds, check_feeds, load_npz
+from onnxopt.model_io import load_model, to_ir
+from onnxopt.pipeline import OptimizationReport, Pipeline
+from onnxopt.recipes import RecipeLike
+from onnxopt.registry import PassContext
+from onnxopt.stats import ModelStats, model_stats
+
+ModelLike = ir.Model | onnx.ModelProto | str | Path
+
+
+def load(model: ModelLike) -> ir.Model:
+    """An ``onnx_ir.Model`` from a path, a ``ModelProto`` or an ``onnx_ir.Model``."""
+    if isinstance(model, (str, Path)):
+        return load_model(model)
+    return to_ir(model)
+
+
+def inspect(model: ModelLike, shapes: dict[str, list[int]] | None = None) -> ModelStats:
+    """Parameters, bytes (raw and zipped), MACs per op type and the node histogram."""
+    return model_stats(load(model), shapes)
+
+
+def optimize(
+    model: ModelLike,
+    recipe: RecipeLike = "default",
+    *,
+    calibration: Iterable[Feeds] | str | Path | None = None,
+    evaluation: tuple[Feeds, np.ndarray | None] | None = None,
+    verify_feeds: list[Feeds] | None = None,
+    seed: int = 0,
+    target: str | None = None,
+    verify: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> tuple[ir.Model, OptimizationReport]:
+    """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
+
+    ``calibration``: representative inputs (an ``.npz`` of stacked samples, or an iterable of
+    feeds); the first batch also serves for verification unless ``verify_feeds`` is given.
+    """
+    ir_model = load(model)
+    batches = _calibration_batches(calibration, ir_model)
+    if verify_feeds is None and batches:
+        verify_feeds = [batches[0]]
+    context = PassContext(
+        calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
+        seed=seed, target=target,
+    )
+    pipeline = Pipeline.from_recipe(recipe, verify=verify, checkpoint_dir=checkpoint_dir)
+    return pipeline.run(ir_model, context, progress=progress)
+
+
+def _calibration_batches(calibration: Iterable[Feeds] | str | Path | None, model: ir.Model,
+                         batch_size: int = 32) -> list[Feeds] | None:
+    """Calibration data as a list of feed batches (an ``.npz`` holds stacked samples)."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, Path)):
+        arrays = check_feeds(load_npz(calibration), model, calibration)
+        n = len(next(iter(arrays.values())))
+        return [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    return [check_feeds(f, model) for f in calibration]
+
+
+def benchmark(models: list[ModelLike], **kwargs: Any) -> Any:
+    """Interleaved ONNX Runtime latency comparison; see :func:`onnxopt.benchmark.benchmark`."""
+    from onnxopt.benchmark import benchmark as _benchmark
+
+    return _benchmark([load(m) if not isinstance(m, (str, Path)) else m for m in models], **kwargs)
+
+
+def export(src: Any, example_inputs: Any = None, **kwargs: Any) -> ir.Model:
+    """Export a PyTorch/Keras/TensorFlow model (or load an ONNX one), verified numerically."""
+    from onnxopt.export import export as _export
+
+    return _export(src, example_inputs, **kwargs)
