@@ -46,6 +46,7 @@ def optimize(
     target: str | None = None,
     verify: bool = True,
     checkpoint_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
 ) -> tuple[ir.Model, OptimizationReport]:
     """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
@@ -61,7 +62,7 @@ def optimize(
         calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
         seed=seed, target=target,
     )
-    pipeline = Pipeline.from_recipe(recipe, verify=verify, checkpoint_dir=checkpoint_dir)
+    pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir)
     return pipeline.run(ir_model, context, progress=progress)
 
 

@@ -20,10 +20,10 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import metrics, runner
-from onnxopt.errors import InputError, OnnxoptError, VerificationError
+from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
 from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.model_io import check_proto, save_model
-from onnxopt.recipes import RecipeLike, Step, load_recipe
+from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
 from onnxopt.stats import ModelStats, model_stats
 
@@ -93,8 +93,12 @@ class Pipeline:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
 
     @classmethod
-    def from_recipe(cls, recipe: RecipeLike, **kwargs: Any) -> Pipeline:
+    def from_recipe(cls, recipe: RecipeLike, overrides: dict[str, Any] | None = None,
+                    **kwargs: Any) -> Pipeline:
+        """Build from a recipe; ``overrides`` as in :func:`onnxopt.recipes.apply_overrides`."""
         name, steps = load_recipe(recipe)
+        if overrides:
+            steps = apply_overrides(steps, overrides)
         return cls(steps, name=name, **kwargs)
 
     def run(self, model: ir.Model, context: PassContext | None = None,
@@ -102,6 +106,10 @@ class Pipeline:
         """Run every step on a copy of ``model``; the caller's model is left untouched.
 
         ``progress``, if given, is called as ``progress(step_index, step_name)`` before each step.
+
+        A pass that misses its own budget (an accuracy search that could not meet ``max_drop``)
+        raises :class:`QualityGateError` after leaving its best candidate in the model; the error
+        then carries ``partial = (model, report)`` so callers can still save that candidate.
         """
         context = context or PassContext()
         model = model.clone()
@@ -118,8 +126,14 @@ class Pipeline:
                 progress(index, step.name)
             opt_pass: OptPass = step.build(context)
             start = time.perf_counter()
+            gate_error: QualityGateError | None = None
             try:
                 result = opt_pass(model)
+            except VerificationError:
+                raise
+            except QualityGateError as exc:
+                gate_error = exc
+                result = ir.passes.PassResult(model, True)
             except OnnxoptError:
                 raise
             except ir.passes.PassError as exc:
@@ -143,6 +157,10 @@ class Pipeline:
                 stats=model_stats(proto).to_dict(), budget=opt_pass.budget().describe(),
                 fidelity=fidelity, drift=drift, notes=opt_pass.notes,
             ))
+            if gate_error is not None:
+                gate_error.partial = (model, OptimizationReport(  # type: ignore[attr-defined]
+                    self.name, before, records[-1].stats, records, needs_ort))
+                raise gate_error
         after = records[-1].stats if records else before
         return model, OptimizationReport(self.name, before, after, records, needs_ort)
 

@@ -65,6 +65,32 @@ def load_recipe(recipe: RecipeLike) -> tuple[str, list[Step]]:
     return "custom", _steps(recipe, "recipe")
 
 
+def apply_overrides(steps: list[Step], overrides: Mapping[str, Any]) -> list[Step]:
+    """Set options across a recipe: ``"pass.option"`` for one pass, ``"option"`` for every step
+    whose pass has that option (e.g. ``max_drop`` from the CLI's ``--max-drop``).
+
+    An override that no step accepts is an error, so a typo never passes silently.
+    """
+    steps = list(steps)
+    for key, value in overrides.items():
+        target, _, opt = key.rpartition(".")
+        opt = opt.replace("-", "_")
+        hits = 0
+        for i, step in enumerate(steps):
+            if target and step.name != target:
+                continue
+            fields = {f.name for f in dataclasses.fields(pass_class(step.name).Config)}
+            if opt in fields:
+                options = {**step.options, opt: value}
+                make_config(pass_class(step.name), options)  # validate the value's type
+                steps[i] = Step(step.name, options)
+                hits += 1
+        if not hits:
+            names = ", ".join(s.name for s in steps)
+            raise InputError(f"no pass in the recipe ({names}) takes option '{key}'")
+    return steps
+
+
 def _read_recipe_file(path: Path) -> Any:
     if not path.is_file():
         raise InputError("no such recipe file", path)
