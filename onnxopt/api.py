@@ -31,8 +31,9 @@ def load(model: ModelLike) -> ir.Model:
 
 
 def inspect(model: ModelLike, shapes: dict[str, list[int]] | None = None) -> ModelStats:
-    """Parameters, bytes (raw and zipped), MACs per op type and the node histogram."""
-    return model_stats(load(model), shapes)
+    """Parameters, bytes (raw and zipped, as stored when a path), MACs per op type, node histogram."""
+    file = model if isinstance(model, (str, Path)) else None
+    return model_stats(load(model), shapes, file=file)
 
 
 def optimize(

@@ -40,5 +40,5 @@ class VerificationError(QualityGateError):
         self.pass_name = pass_name
         self.output = output
         self.node = node
-        where = f"output '{output}'" + (f" (produced by node '{node}')" if node else "")
+        where = f"output '{output}'" + (f" (first diverging node: {node})" if node else "")
         super().__init__(f"pass '{pass_name}' breached its tolerance at {where}: {detail}")

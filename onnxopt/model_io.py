@@ -39,7 +39,7 @@ def load_model(path: str | Path, *, upgrade: bool = True) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a readable ONNX model ({_first_line(exc)})", path) from exc
+        raise InputError(f"not a readable ONNX model ({one_line(exc)})", path) from exc
     if not proto.graph.node and not proto.graph.output:
         raise InputError("not an ONNX model (no graph found; truncated or another format?)", path)
     check_proto(proto, path)
@@ -58,10 +58,10 @@ def check_proto(proto: onnx.ModelProto, path: str | Path | None = None) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise InputError(f"invalid ONNX model: {_first_line(exc)}", path) from exc
+        raise InputError(f"invalid ONNX model: {one_line(exc)}", path) from exc
     except ValueError as exc:  # the checker refuses protos over 2 GB; they are checked lazily
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
-            raise InputError(f"invalid ONNX model: {_first_line(exc)}", path) from exc
+            raise InputError(f"invalid ONNX model: {one_line(exc)}", path) from exc
 
 
 def upgrade_opset(model: ir.Model, path: str | Path | None = None) -> ir.Model:
@@ -75,7 +75,7 @@ def upgrade_opset(model: ir.Model, path: str | Path | None = None) -> ir.Model:
         )
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         raise InputError(
-            f"opset {opset} is older than {MIN_OPSET} and could not be upgraded: {_first_line(exc)}",
+            f"opset {opset} is older than {MIN_OPSET} and could not be upgraded: {one_line(exc)}",
             path,
         ) from exc
     return ir.serde.deserialize_model(converted)
@@ -150,6 +150,7 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def one_line(exc: BaseException) -> str:
+    """The exception's message folded onto one line (C++ errors span several), at most 300 chars."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

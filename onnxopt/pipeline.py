@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxopt import metrics, runner
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
 from onnxopt.feeds import Feeds, synthesize_feeds
-from onnxopt.model_io import check_proto, save_model
+from onnxopt.model_io import check_proto, one_line, save_model
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
 from onnxopt.stats import ModelStats, model_stats
@@ -119,6 +119,7 @@ class Pipeline:
         original = _run_all(proto, context.verify_feeds, "the input model")
         before = model_stats(proto).to_dict()
         previous = original
+        previous_proto = proto
         records: list[PassRecord] = []
         needs_ort = False
         for index, step in enumerate(self.steps):
@@ -147,9 +148,10 @@ class Pipeline:
             if result.modified and self.verify:
                 _check_written(proto, step.name)
                 outputs = _run_all(proto, context.verify_feeds, f"the model after pass '{step.name}'")
-                fidelity = _verify(step.name, opt_pass.budget(), previous, outputs, model)
+                fidelity = _verify(step.name, opt_pass.budget(), previous, outputs,
+                                   previous_proto, proto, context.verify_feeds)
                 drift = _compare_all(original, outputs)
-                previous = outputs
+                previous, previous_proto = outputs, proto
             if self.checkpoint_dir is not None:
                 save_model(proto, self.checkpoint_dir / f"{index + 1:02d}-{step.name}.onnx")
             records.append(PassRecord(
@@ -178,8 +180,7 @@ def _run_all(proto: onnx.ModelProto, feeds: list[Feeds], what: str) -> list[dict
         session = runner.reference_session(proto.SerializeToString())
         return [runner.run(session, f) for f in feeds]
     except Exception as exc:  # ORT raises its own exception types for load and run failures
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{what} does not run in ONNX Runtime: {message}") from exc
+        raise InputError(f"{what} does not run in ONNX Runtime: {one_line(exc)}") from exc
 
 
 def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
@@ -198,24 +199,45 @@ def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarra
 
 
 def _verify(pass_name: str, budget: metrics.Budget, ref: list[dict[str, np.ndarray]],
-            out: list[dict[str, np.ndarray]], model: ir.Model) -> dict[str, dict[str, float]]:
-    """Raise :class:`VerificationError` naming the pass, output and node on a breach."""
+            out: list[dict[str, np.ndarray]], before: onnx.ModelProto, after: onnx.ModelProto,
+            feeds: list[Feeds]) -> dict[str, dict[str, float]]:
+    """Raise :class:`VerificationError` naming the pass, the output and the culprit node."""
     for r_batch, o_batch in zip(ref, out):
         for name, r in r_batch.items():
             if name not in o_batch:
                 raise VerificationError(pass_name, name, None, "output disappeared")
             breach = budget.check(r, o_batch[name])
             if breach:
-                raise VerificationError(pass_name, name, _producer(model, name), breach)
+                node = _first_diverging_node(before, after, feeds[0], budget)
+                raise VerificationError(pass_name, name, node, breach)
     return _compare_all(ref, out)
 
 
-def _producer(model: ir.Model, output_name: str) -> str | None:
-    for value in model.graph.outputs:
-        if value.name == output_name and value.producer() is not None:
-            node = value.producer()
-            return node.name or node.op_type
+def _first_diverging_node(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Feeds,
+                          budget: metrics.Budget) -> str | None:
+    """The earliest node of the rewritten graph whose output breaches the budget.
+
+    Only tensors that keep their name across the pass can be compared; the first one (in the
+    rewritten graph's topological order) that breaches points at the rewrite that went wrong.
+    """
+    produced_before = {o for node in before.graph.node for o in node.output}
+    candidates = [(node, o) for node in after.graph.node for o in node.output if o in produced_before]
+    names = [o for _, o in candidates]
+    if not names:
+        return None
+    ref, out = (_run_with_outputs(m, names, feeds) for m in (before, after))
+    for node, name in candidates:
+        if budget.check(ref[name], out[name]):
+            return f"{node.name or '?'} ({node.op_type}) -> '{name}'"
     return None
+
+
+def _run_with_outputs(proto: onnx.ModelProto, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    return runner.run(runner.reference_session(probe.SerializeToString()), feeds)
 
 
 def _jsonable(obj: Any) -> Any:

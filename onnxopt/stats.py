@@ -12,6 +12,7 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -45,8 +46,13 @@ class ModelStats:
         return d
 
 
-def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None) -> ModelStats:
-    """Statistics of ``model``; serialized once for the byte counts."""
+def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None,
+                file: str | Path | None = None) -> ModelStats:
+    """Statistics of ``model``; serialized once for the byte counts.
+
+    With ``file``, the byte counts are those of the file (and its external data) as stored,
+    which can differ from a re-serialization by a few bytes of metadata.
+    """
     model = to_ir(model)
     params = sum(
         math.prod(v.const_value.shape.numpy()) if v.const_value is not None else 0
@@ -61,6 +67,8 @@ def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int
         data = proto.SerializeToString()
         size = len(data)
         zipped = len(zlib.compress(data, 6))
+    if file is not None:
+        size, zipped = _file_sizes(Path(file))
     hist = collections.Counter(node.op_type for node in model.graph.all_nodes())
     macs, unknown = (_count_macs(proto, shapes) if proto is not None else ({}, 0))
     return ModelStats(
@@ -72,6 +80,23 @@ def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int
         op_histogram=dict(sorted(hist.items())),
         macs_unknown_nodes=unknown,
     )
+
+
+def _file_sizes(path: Path) -> tuple[int, int]:
+    """Bytes and zipped bytes of a model file plus its external data files."""
+    model_bytes = path.read_bytes()
+    proto = onnx.load_from_string(model_bytes)
+    data_files = {
+        entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"
+    }
+    compressor = zlib.compressobj(6)
+    size, zipped = len(model_bytes), len(compressor.compress(model_bytes))
+    for name in sorted(data_files):
+        with open(path.parent / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+                zipped += len(compressor.compress(chunk))
+    return size, zipped + len(compressor.flush())
 
 
 def _count_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[dict[str, int], int]:

@@ -1,0 +1,77 @@
+"""MACs, parameters and sizes on models whose figures are known by hand."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.stats import model_stats
+
+
+def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_conv_gemm_matmul_macs() -> None:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    g = numpy_helper.from_array(rng.standard_normal((8 * 6 * 6, 10)).astype(np.float32), "g")
+    m = numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "m")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "shape")
+    model = _model(
+        [helper.make_node("Conv", ["x", "w"], ["c"]),  # 1x3x8x8 -> 1x8x6x6
+         helper.make_node("Reshape", ["c", "shape"], ["f"]),
+         helper.make_node("Gemm", ["f", "g"], ["h"]),
+         helper.make_node("MatMul", ["h", "m"], ["y"])],
+        [_vi("x", ["N", 3, 8, 8])], [_vi("y", ["N", 4])], [w, g, m, shape])
+    stats = model_stats(model)
+    assert stats.macs["Conv"] == 8 * 6 * 6 * 3 * 3 * 3
+    assert stats.macs["Gemm"] == 288 * 10
+    assert stats.macs["MatMul"] == 10 * 4
+    assert stats.total_macs == sum(stats.macs.values())
+    assert stats.params == 8 * 27 + 2880 + 40 + 2
+    assert stats.op_histogram == {"Conv": 1, "Gemm": 1, "MatMul": 1, "Reshape": 1}
+    data = ir.serde.serialize_model(ir.serde.deserialize_model(model)).SerializeToString()
+    assert stats.size_bytes == len(data)
+    assert stats.zipped_bytes == len(zlib.compress(data, 6))
+    # A batch of 4 quadruples every count.
+    assert model_stats(model, {"N": [4]}).total_macs == 4 * stats.total_macs
+
+
+def test_conv_transpose_and_grouped_conv() -> None:
+    wt = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "wt")  # Cin=4, Cout=2
+    wg = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "wg")  # depthwise, 2 groups
+    model = _model(
+        [helper.make_node("ConvTranspose", ["x", "wt"], ["t"]),  # 1x4x5x5 -> 1x2x7x7
+         helper.make_node("Conv", ["t", "wg"], ["y"], group=2)],  # -> 1x2x5x5
+        [_vi("x", [1, 4, 5, 5])], [_vi("y", [1, 2, 5, 5])], [wt, wg])
+    stats = model_stats(model)
+    assert stats.macs["ConvTranspose"] == 4 * 5 * 5 * 2 * 9
+    assert stats.macs["Conv"] == 2 * 5 * 5 * 1 * 9
+    assert stats.macs_unknown_nodes == 0
+
+
+def test_file_sizes_are_as_stored(tmp_path) -> None:
+    w = numpy_helper.from_array(np.zeros((64, 64), np.float32), "w")
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", [1, 64])],
+                   [_vi("y", [1, 64])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    stats = model_stats(model, file=path)
+    assert stats.size_bytes == path.stat().st_size
+    assert stats.zipped_bytes < stats.size_bytes / 10  # zeros compress
+    # External data counts too.
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, ext, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    ext_stats = model_stats(onnx.load(ext), file=ext)
+    assert ext_stats.size_bytes == ext.stat().st_size + (tmp_path / "ext.data").stat().st_size
