@@ -57,7 +57,7 @@ class OptimizationReport:
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -240,12 +240,12 @@ def _run_with_outputs(proto: onnx.ModelProto, names: list[str], feeds: Feeds) ->
     return runner.run(runner.reference_session(probe.SerializeToString()), feeds)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON values: infinities become strings, numpy scalars become Python numbers."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         value = float(obj)
         return value if np.isfinite(value) else str(value)
