@@ -100,23 +100,33 @@ def _file_sizes(path: Path) -> tuple[int, int]:
 
 
 def _count_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[dict[str, int], int]:
+    macs: collections.Counter[str] = collections.Counter()
+    unknown = 0
+    for node, n in _mac_table(proto, shapes):
+        if n is None:
+            unknown += 1
+        else:
+            macs[node.op_type] += n
+    return dict(sorted(macs.items())), unknown
+
+
+def node_macs(model: ir.Model | onnx.ModelProto,
+              shapes: Mapping[str, list[int]] | None = None) -> dict[str, int | None]:
+    """MACs of every node of a ``MAC_OPS`` type, by node name (``None``: shapes unknown)."""
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    return {node.name: n for node, n in _mac_table(proto, shapes)}
+
+
+def _mac_table(proto: onnx.ModelProto,
+               shapes: Mapping[str, list[int]] | None) -> list[tuple[onnx.NodeProto, int | None]]:
+    """Each ``MAC_OPS`` node with its MACs, after shape inference on static input shapes."""
     proto = _with_static_inputs(proto, shapes or {})
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # shape inference rejects some contrib ops; count what we can
         pass
     known = _known_shapes(proto)
-    macs: collections.Counter[str] = collections.Counter()
-    unknown = 0
-    for node in proto.graph.node:
-        if node.op_type not in MAC_OPS:
-            continue
-        n = _node_macs(node, known)
-        if n is None:
-            unknown += 1
-        else:
-            macs[node.op_type] += n
-    return dict(sorted(macs.items())), unknown
+    return [(node, _node_macs(node, known)) for node in proto.graph.node if node.op_type in MAC_OPS]
 
 
 def _with_static_inputs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
