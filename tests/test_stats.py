@@ -42,7 +42,8 @@ def test_conv_gemm_matmul_macs() -> None:
     assert stats.op_histogram == {"Conv": 1, "Gemm": 1, "MatMul": 1, "Reshape": 1}
     data = ir.serde.serialize_model(ir.serde.deserialize_model(model)).SerializeToString()
     assert stats.size_bytes == len(data)
-    assert stats.zipped_bytes == len(zlib.compress(data, 6))
+    # Tensors are deflated one by one (cached); within 1% of deflating the file at once.
+    assert abs(stats.zipped_bytes - len(zlib.compress(data, 6))) <= 0.01 * stats.zipped_bytes
     # A batch of 4 quadruples every count.
     assert model_stats(model, {"N": [4]}).total_macs == 4 * stats.total_macs
 
