@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import runner
 from onnxopt.errors import InputError
 
 Feeds = dict[str, np.ndarray]
-
-# Integer inputs get values from this range (token ids, indices) unless the name says "mask".
-_INT_HIGH = 100
-
 
 def parse_shape_overrides(specs: list[str] | None) -> dict[str, dict[str, int] | list[int]]:
     """Parse ``--shape`` options: ``name=1x3x224x224`` (a whole input) or ``batch=4`` (a symbolic dim)."""
@@ -64,35 +61,11 @@ def synthesize_feeds(
     """Seeded random inputs matching the model's signature.
 
     Symbolic dimensions take ``shapes[dim_name]`` (e.g. ``seq=128``), else ``batch`` for the first
-    axis and 1 elsewhere. ``shapes[input_name]`` replaces a whole input's shape.
+    axis and 1 elsewhere. ``shapes[input_name]`` replaces a whole input's shape. The value rules
+    (masks are ones, token types zeros, ...) live in the self-contained runner, so a board
+    running the runner alone synthesizes the same inputs.
     """
-    shapes = dict(shapes or {})
-    rng = np.random.default_rng(seed)
-    feeds: Feeds = {}
-    for name, dtype, dims in input_specs(model):
-        if name in shapes:
-            shape = list(shapes[name])
-        else:
-            shape = []
-            for axis, d in enumerate(dims):
-                if isinstance(d, int):
-                    shape.append(d)
-                elif isinstance(d, str) and d in shapes:
-                    shape.append(int(shapes[d][0]))
-                else:
-                    shape.append(batch if axis == 0 else 1)
-        feeds[name] = _random_array(rng, name, dtype, shape)
-    return feeds
-
-
-def _random_array(rng: np.random.Generator, name: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
-    if dtype == np.bool_:
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
-    if np.issubdtype(dtype, np.integer):
-        if "mask" in name.lower():
-            return np.ones(shape, dtype=dtype)
-        return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
+    return runner.synthesize_arrays(input_specs(model), batch=batch, shapes=shapes, seed=seed)
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

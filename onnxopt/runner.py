@@ -6,12 +6,15 @@ board and run as a script next to a model::
     python runner.py model.onnx --threads 4 --time-budget 5 > result.json
 
 The script prints one JSON document (machine, model hash, load time, latency percentiles, peak
-memory, CPU time per inference, output checksums); see :func:`main`.
+memory, CPU time per inference, output checksums); see :func:`main`. It also reads the session
+configuration that ``onnxopt tune`` writes (``--session-config``) and runs the cascades that
+``onnxopt split`` writes (a ``cascade.json`` in place of the model), so both work on a board.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -43,8 +46,14 @@ def session_options(
     parallel: bool = False,
     opt_level: str = "all",
     config: Mapping[str, str] | None = None,
+    cpu_mem_arena: bool = True,
+    mem_pattern: bool = True,
 ) -> ort.SessionOptions:
-    """ORT session options from plain values (``threads=None`` lets ORT choose)."""
+    """ORT session options from plain values (``threads=None`` lets ORT choose).
+
+    ``cpu_mem_arena`` and ``mem_pattern`` are ORT's ``enable_cpu_mem_arena`` and
+    ``enable_mem_pattern`` (both on by default, as in ORT).
+    """
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -53,6 +62,8 @@ def session_options(
     so.execution_mode = (
         ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     )
+    so.enable_cpu_mem_arena = bool(cpu_mem_arena)
+    so.enable_mem_pattern = bool(mem_pattern)
     so.graph_optimization_level = OPT_LEVELS[opt_level]
     so.log_severity_level = 3
     for key, value in (config or {}).items():
@@ -80,6 +91,197 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[
     """Outputs by name."""
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Session configuration documents (written by ``onnxopt tune``, read by the runner and bench)
+# ---------------------------------------------------------------------------------------------
+
+SESSION_CONFIG_SCHEMA = "onnxopt.session-config"
+SESSION_CONFIG_VERSION = 1
+# document key -> (session_options keyword, accepted types); keys are ORT's SessionOptions names
+_SESSION_CONFIG_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "intra_op_num_threads": ("threads", (int, type(None))),
+    "inter_op_num_threads": ("inter_op_threads", (int, type(None))),
+    "execution_mode": ("parallel", (str,)),
+    "enable_cpu_mem_arena": ("cpu_mem_arena", (bool,)),
+    "enable_mem_pattern": ("mem_pattern", (bool,)),
+    "config_entries": ("config", (dict,)),
+}
+
+
+def is_session_config(doc: object) -> bool:
+    """Whether ``doc`` is a session configuration document (not plain config entries)."""
+    return isinstance(doc, Mapping) and doc.get("schema") == SESSION_CONFIG_SCHEMA
+
+
+def session_config_options(doc: Mapping[str, Any],
+                           source: str = "session config") -> dict[str, Any]:
+    """:func:`session_options` keywords from a session configuration document.
+
+    The document names ORT's own ``SessionOptions`` fields (``intra_op_num_threads``,
+    ``inter_op_num_threads``, ``execution_mode`` "sequential"|"parallel",
+    ``enable_cpu_mem_arena``, ``enable_mem_pattern``) plus ``config_entries`` (session config
+    entries such as ``session.intra_op.allow_spinning``). Missing fields keep ORT's defaults;
+    other keys (what was tuned, the trials) are ignored. Raises :class:`RunnerError`.
+    """
+    if not is_session_config(doc):
+        raise RunnerError(f"{source}: not a session configuration (expected \"schema\": "
+                          f"\"{SESSION_CONFIG_SCHEMA}\")")
+    if doc.get("schema_version") != SESSION_CONFIG_VERSION:
+        raise RunnerError(f"{source}: schema_version {doc.get('schema_version')!r}, this runner "
+                          f"reads version {SESSION_CONFIG_VERSION}")
+    options: dict[str, Any] = {}
+    for key, (keyword, types) in _SESSION_CONFIG_KEYS.items():
+        if key not in doc:
+            continue
+        value = doc[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise RunnerError(f"{source}: {key} has the wrong type ({type(value).__name__})")
+        if key == "execution_mode":
+            if value not in ("sequential", "parallel"):
+                raise RunnerError(f"{source}: execution_mode must be sequential or parallel")
+            value = value == "parallel"
+        elif key == "config_entries":
+            value = {str(k): str(v) for k, v in value.items()}
+        elif key.endswith("_threads") and value is not None and value < 1:
+            raise RunnerError(f"{source}: {key} must be >= 1 or null, got {value}")
+        options[keyword] = value
+    return options
+
+
+def option_flags(options: Mapping[str, Any]) -> list[str]:
+    """The runner's command-line flags for :func:`session_options` keywords (those given)."""
+    flags: list[str] = []
+    if options.get("threads"):
+        flags += ["--threads", str(options["threads"])]
+    if options.get("inter_op_threads"):
+        flags += ["--inter-op", str(options["inter_op_threads"])]
+    if options.get("parallel"):
+        flags.append("--parallel")
+    if options.get("cpu_mem_arena") is False:
+        flags.append("--no-cpu-mem-arena")
+    if options.get("mem_pattern") is False:
+        flags.append("--no-mem-pattern")
+    if options.get("opt_level"):
+        flags += ["--opt-level", str(options["opt_level"])]
+    for key, value in (options.get("config") or {}).items():
+        flags += ["--config", f"{key}={value}"]
+    return flags
+
+
+def load_session_config(path: str | Path) -> dict[str, Any]:
+    """A session configuration JSON file as :func:`session_options` keywords."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError as exc:
+        raise RunnerError(f"{path}: no such file") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunnerError(f"{path}: not a JSON file ({_first_line(exc)})") from exc
+    return session_config_options(doc, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cascades: sub-models loaded on demand, one at a time (written by ``onnxopt split``)
+# ---------------------------------------------------------------------------------------------
+
+CASCADE_SCHEMA = "onnxopt.cascade"
+CASCADE_VERSION = 1
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def _glibc() -> Any:
+    """glibc through ctypes when this process uses it (not musl, macOS or Windows), else None."""
+    if not platform.libc_ver()[0] == "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+class _Arg:
+    """What :class:`CascadeSession` says about an input or output (as ORT's ``NodeArg``)."""
+
+    def __init__(self, name: str, type_name: str = "", shape: Sequence[int | str | None] = ()):
+        self.name, self.type, self.shape = name, type_name, list(shape)
+
+
+class CascadeSession:
+    """Runs a split model's stages in order, each loaded just before it runs and released after.
+
+    Peak memory is then about the largest stage plus the tensors passed between stages, not the
+    whole model (the price: every inference pays the stages' load time). It offers the part of
+    ``ort.InferenceSession`` the runner uses (``get_inputs``, ``get_outputs``, ``run``,
+    ``get_providers``), so latency and memory are measured the same way as a single model.
+    The manifest (``cascade.json``) lists each stage's file, inputs and outputs, and the graph's
+    inputs with their types; a tensor is dropped as soon as no later stage needs it.
+
+    ``release_memory`` (on by default) makes freed stage memory really leave the process on
+    glibc: after the first large free, glibc raises its mmap threshold, so later stages' weights
+    land on the heap, where freed memory stays resident and the next stage's load adds to it
+    (measured here: 4 stages of 16 MiB peaked at 159 MB instead of 96 MB). So the threshold is
+    pinned at 128 KiB (``mallopt``, process-wide) and the heap trimmed after each stage.
+    """
+
+    def __init__(self, manifest: str | Path, *, release_memory: bool = True, **options: Any):
+        path = Path(manifest)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunnerError(f"{path}: not a readable cascade manifest ({_first_line(exc)})"
+                              ) from exc
+        if not isinstance(doc, dict) or doc.get("schema") != CASCADE_SCHEMA:
+            raise RunnerError(f"{path}: not a cascade manifest (expected \"schema\": "
+                              f"\"{CASCADE_SCHEMA}\")")
+        if doc.get("schema_version") != CASCADE_VERSION:
+            raise RunnerError(f"{path}: cascade schema_version {doc.get('schema_version')!r}, "
+                              f"this runner reads version {CASCADE_VERSION}")
+        self.path = path
+        self.options = options
+        self._libc = _glibc() if release_memory else None
+        if self._libc is not None:
+            self._libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        self.stages = [(path.parent / s["file"], list(s["inputs"]), list(s["outputs"]))
+                       for s in doc["stages"]]
+        for file, _, _ in self.stages:
+            if not file.is_file():
+                raise RunnerError(f"{file}: stage file listed in {path.name} is missing")
+        self._inputs = [_Arg(i["name"], i["type"], i["shape"]) for i in doc["inputs"]]
+        self._outputs = [_Arg(name) for name in doc["outputs"]]
+        # the last stage that reads each tensor (graph outputs are kept to the end)
+        self._last_use: dict[str, int] = {name: len(self.stages) for name in doc["outputs"]}
+        for k, (_, inputs, _) in enumerate(self.stages):
+            for name in inputs:
+                self._last_use[name] = max(self._last_use.get(name, -1), k)
+
+    def get_inputs(self) -> list[_Arg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Arg]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]
+
+    def run(self, output_names: Sequence[str] | None,
+            feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        live = dict(feeds)
+        for k, (file, inputs, outputs) in enumerate(self.stages):
+            session = create_session(str(file), **self.options)
+            values = session.run(outputs, {name: live[name] for name in inputs})
+            del session  # release the stage (weights, arena, threads) before the next one
+            if self._libc is not None:
+                self._libc.malloc_trim(0)
+            live.update(zip(outputs, values, strict=True))
+            for name in [n for n in live if self._last_use.get(n, -1) <= k]:
+                del live[name]
+        return [live[name] for name in (output_names or [o.name for o in self._outputs])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +331,9 @@ def measure(
     ``iterations`` fixes the number of timed runs; ``time_budget_s`` runs until that much time has
     passed (and at least ``min_iterations`` runs); with both, whichever ends first; with neither,
     :data:`DEFAULT_TIME_BUDGET_S`. Returns :func:`latency_stats` keys plus ``warmup``, ``total_s``,
-    ``cpu_seconds_per_inference`` and ``cpu_utilization`` (average busy cores), and
-    ``samples_ms`` when ``keep_samples``.
+    ``cpu_seconds_per_inference`` and ``cpu_utilization`` (average busy cores),
+    ``rapl_joules_per_inference`` (None unless the kernel exposes RAPL, see
+    :func:`rapl_energy_uj`), and ``samples_ms`` when ``keep_samples``.
     """
     if warmup < 0 or (iterations is not None and iterations < 1):
         raise ValueError("warmup must be >= 0 and iterations >= 1")
@@ -145,6 +348,7 @@ def measure(
     cap = iterations if iterations is not None else sys.maxsize
     clock = time.perf_counter
     samples: list[float] = []
+    energy_start = rapl_energy_uj()
     cpu_start = time.process_time()
     start = clock()
     while len(samples) < cap:
@@ -157,6 +361,7 @@ def measure(
             break
     wall = clock() - start
     cpu = time.process_time() - cpu_start
+    joules = rapl_joules(energy_start, rapl_energy_uj())
     samples_ms = np.asarray(samples) * 1000.0
     result: dict[str, Any] = latency_stats(samples_ms)
     result.update(
@@ -164,10 +369,54 @@ def measure(
         total_s=wall,
         cpu_seconds_per_inference=cpu / len(samples),
         cpu_utilization=cpu / wall if wall > 0 else 0.0,
+        rapl_joules_per_inference=None if joules is None else joules / len(samples),
     )
     if keep_samples:
         result["samples_ms"] = samples_ms.tolist()
     return result
+
+
+RAPL_DIR = "/sys/class/powercap"
+RAPL_NOTE = (
+    "RAPL package energy counters of the CPU socket(s) over the timed runs, per inference: "
+    "measured by the CPU, but for the whole package (other processes and idle power included)"
+)
+
+
+def rapl_energy_uj(base: str = RAPL_DIR) -> dict[str, tuple[int, int]] | None:
+    """Package energy counters: {domain: (energy_uj, max_energy_range_uj)}, None if not exposed.
+
+    Intel's and (on newer kernels) AMD's RAPL appear as ``intel-rapl:N`` powercap zones; only the
+    top-level package zones are read (their sub-zones, core and dram, are parts of them). Newer
+    kernels let only root read ``energy_uj``; unreadable counters count as not exposed.
+    """
+    try:
+        zones = sorted(n for n in os.listdir(base)
+                       if n.startswith("intel-rapl:") and n.count(":") == 1)
+    except OSError:
+        return None
+    counters = {}
+    for zone in zones:
+        try:
+            energy = int(_read_text(f"{base}/{zone}/energy_uj").strip())
+            limit = int(_read_text(f"{base}/{zone}/max_energy_range_uj").strip())
+        except ValueError:  # missing or unreadable (permission) files read as ""
+            return None
+        name = _read_text(f"{base}/{zone}/name").strip() or zone
+        counters[f"{zone} {name}"] = (energy, limit)
+    return counters or None
+
+
+def rapl_joules(before: dict[str, tuple[int, int]] | None,
+                after: dict[str, tuple[int, int]] | None) -> float | None:
+    """Joules spent between two :func:`rapl_energy_uj` readings (a counter may wrap once)."""
+    if not before or not after or set(before) != set(after):
+        return None
+    total_uj = 0
+    for zone, (start, limit) in before.items():
+        end = after[zone][0]
+        total_uj += end - start if end >= start else end + limit - start
+    return total_uj / 1e6
 
 
 def peak_rss_mb() -> float | None:
@@ -402,29 +651,41 @@ def synthesize_inputs(
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Seeded random inputs from the session's signature, as ``onnxopt.feeds.synthesize_feeds``.
+    """Seeded random inputs from the session's signature (see :func:`synthesize_arrays`)."""
+    signature = [(arg.name, input_dtype(arg), list(arg.shape or [])) for arg in session.get_inputs()]
+    return synthesize_arrays(signature, batch=batch, shapes=shapes, seed=seed)
+
+
+def synthesize_arrays(
+    signature: Sequence[tuple[str, np.dtype, Sequence[int | str | None]]],
+    *,
+    batch: int = 1,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Seeded random arrays for ``(name, dtype, dims)`` inputs; ``onnxopt.feeds`` uses it too.
 
     Symbolic dims take ``shapes[dim_name][0]``, else ``batch`` on axis 0 and 1 elsewhere;
     ``shapes[input_name]`` replaces a whole shape. Floats are standard normal, integers in
-    [0, 100), integer inputs named ``*mask*`` are ones, booleans random.
+    [0, 100) (token ids), integer inputs named ``*mask*`` ones and ``*token_type*`` zeros (BERT
+    segment ids index a 2-row table), booleans random.
     """
     shapes = dict(shapes or {})
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
-    for arg in session.get_inputs():
-        dtype = input_dtype(arg)
-        if arg.name in shapes:
-            shape = [int(d) for d in shapes[arg.name]]
+    for name, dtype, dims in signature:
+        if name in shapes:
+            shape = [int(d) for d in shapes[name]]
         else:
             shape = []
-            for axis, d in enumerate(arg.shape or []):
+            for axis, d in enumerate(dims):
                 if isinstance(d, int):
                     shape.append(d)
                 elif isinstance(d, str) and d in shapes:
                     shape.append(int(shapes[d][0]))
                 else:
                     shape.append(batch if axis == 0 else 1)
-        feeds[arg.name] = _random_array(rng, arg.name, dtype, shape)
+        feeds[name] = _random_array(rng, name, np.dtype(dtype), shape)
     return feeds
 
 
@@ -436,6 +697,8 @@ def _random_array(
     if np.issubdtype(dtype, np.integer):
         if "mask" in name.lower():
             return np.ones(shape, dtype=dtype)
+        if "token_type" in name.lower():
+            return np.zeros(shape, dtype=dtype)
         return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
 
@@ -560,7 +823,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "model hash, load time, latency percentiles, peak memory, CPU time per inference "
         "and output checksums. Needs only numpy and onnxruntime.",
     )
-    p.add_argument("model", help="the .onnx file")
+    p.add_argument("model", help="the .onnx file, or a cascade.json written by onnxopt split")
     p.add_argument("--inputs", help=".npz with one array per model input (default: synthesized)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
     p.add_argument("--inter-op", type=int, default=None, help="inter-op threads")
@@ -568,6 +831,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-level", choices=list(OPT_LEVELS), default="all")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="ORT session config entry, e.g. session.intra_op.allow_spinning=0")
+    p.add_argument("--session-config", metavar="FILE",
+                   help="session configuration JSON (onnxopt tune -o); the options above "
+                   "override its values")
+    p.add_argument("--no-cpu-mem-arena", action="store_true",
+                   help="disable ORT's CPU memory arena")
+    p.add_argument("--no-mem-pattern", action="store_true",
+                   help="disable ORT's memory pattern planning")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--iterations", type=int, default=None, help="timed runs")
@@ -592,6 +862,27 @@ def _parse_config(entries: Sequence[str]) -> dict[str, str]:
     return config
 
 
+def _session_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`session_options` keywords: the --session-config file, then the flags over it."""
+    options: dict[str, Any] = {"threads": None, "inter_op_threads": None, "parallel": False,
+                               "config": {}, "cpu_mem_arena": True, "mem_pattern": True}
+    if args.session_config:
+        options.update(load_session_config(args.session_config))
+    for key, value in (("threads", args.threads), ("inter_op_threads", args.inter_op)):
+        if value is not None:
+            options[key] = value
+    options["parallel"] = options["parallel"] or args.parallel
+    options["cpu_mem_arena"] = options["cpu_mem_arena"] and not args.no_cpu_mem_arena
+    options["mem_pattern"] = options["mem_pattern"] and not args.no_mem_pattern
+    options["config"] = {**options["config"], **_parse_config(args.config)}
+    options["opt_level"] = args.opt_level
+    return options
+
+
+def _is_cascade(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
 def run_script(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the script does, as a JSON-able document; raises :class:`RunnerError`."""
     path = Path(args.model)
@@ -604,14 +895,15 @@ def run_script(args: argparse.Namespace) -> dict[str, Any]:
             raise RunnerError(f"{flag} must be >= {low}, got {value}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise RunnerError(f"--time-budget must be > 0, got {args.time_budget}")
-    config = _parse_config(args.config)
+    options = _session_arguments(args)
     shapes = parse_shapes(args.shape)
     rss_before = peak_rss_mb()
-    options = dict(threads=args.threads, inter_op_threads=args.inter_op, parallel=args.parallel,
-                   opt_level=args.opt_level, config=config)
     start = time.perf_counter()
     try:
-        session = create_session(str(path), **options)
+        if _is_cascade(path):
+            session: Any = CascadeSession(path, **options)
+        else:
+            session = create_session(str(path), **options)
     except ORT_ERRORS as exc:
         raise RunnerError(f"{path}: ONNX Runtime cannot load it ({_first_line(exc)})") from exc
     load_s = time.perf_counter() - start
@@ -634,19 +926,21 @@ def run_script(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "model": {"path": str(path.resolve()), "sha256": file_sha256(path),
                   "bytes": path.stat().st_size},
-        "session": {**{k: v for k, v in options.items() if k != "config"}, "config": config,
-                    "providers": session.get_providers()},
+        "session": {**options, "providers": session.get_providers(),
+                    "cascade_stages": len(session.stages) if _is_cascade(path) else None},
         "inputs": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "source": source}
                    for name, a in feeds.items()},
         "seed": args.seed,
         "load_s": load_s,
-        "latency": {k: v for k, v in stats.items()
-                    if k not in ("cpu_seconds_per_inference", "cpu_utilization")},
+        "latency": {k: v for k, v in stats.items() if k not in (
+            "cpu_seconds_per_inference", "cpu_utilization", "rapl_joules_per_inference")},
         "energy_proxy": {
             "cpu_seconds_per_inference": stats["cpu_seconds_per_inference"],
             "cpu_utilization": stats["cpu_utilization"],
             "note": ENERGY_PROXY_NOTE,
         },
+        "energy_rapl": None if stats["rapl_joules_per_inference"] is None else {
+            "joules_per_inference": stats["rapl_joules_per_inference"], "note": RAPL_NOTE},
         "rss_before_load_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
         "outputs": output_checksums(outputs),

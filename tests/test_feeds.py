@@ -65,3 +65,16 @@ def test_npz_good_and_unreadable(tmp_path: Path, mlp_path: Path) -> None:
     junk.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(InputError, match="not a readable .npz"):
         load_feeds(junk, model)
+
+
+def test_bert_inputs_are_valid_ids() -> None:
+    model = to_ir(onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (int64[b, s] input_ids, int64[b, s] token_type_ids, int64[b, s] attention_mask) => (int64[b, s] y) {
+        t = Add(input_ids, token_type_ids)
+        y = Add(t, attention_mask)
+    }"""))
+    feeds = synthesize_feeds(model, batch=2, shapes={"s": [16]})
+    assert (feeds["token_type_ids"] == 0).all()  # segment ids index a 2-row table
+    assert (feeds["attention_mask"] == 1).all()
+    assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 100
