@@ -1,0 +1,81 @@
+"""``fuse-transformer``: fuse BERT-like blocks into ONNX Runtime's contrib ops (com.microsoft).
+
+Attention, SkipLayerNormalization, BiasGelu/FastGelu/Gelu come from onnxscript's ORT fusions
+(``optimize_for_ort``), which are written for the dynamo exporter's graphs; ORT's own
+``onnxruntime.transformers.optimizer`` fuses no Attention on those (INT8-NOTES lesson 5).
+EmbedLayerNormalization, which onnxscript lacks, comes from :mod:`fusion_embed`. The result needs
+ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+from onnxopt.metrics import Budget
+from onnxopt.passes.fusion import replace_contents
+from onnxopt.passes.fusion_embed import CONTRIB, embed_layer_norm_rules
+from onnxopt.recipes import register_recipe
+from onnxopt.registry import OptPass, option, register
+
+# Fused kernels reorder sums (softmax, LayerNorm statistics, GELU): measured on MiniLM-L6 (seq 128)
+# max abs 2.6e-6 and cosine 1 - 6e-13 against the unfused graph, with outputs of magnitude ~1.
+# rtol 1e-3 / atol 1e-4 leaves ~40x headroom for deeper or wider models while still catching a
+# wrong fusion: dropping one layer's attention mask moved MiniLM's outputs by 0.53 (max abs),
+# dropping one SkipLayerNorm bias by 0.36.
+TRANSFORMER_BUDGET = Budget("allclose", rtol=1e-3, atol=1e-4)
+
+
+@dataclasses.dataclass
+class FuseTransformerConfig:
+    embed_layer_norm: bool = option(True, "Fuse the embedding block into EmbedLayerNormalization.")
+    fold_size_limit: int = option(
+        1 << 22, "Largest constant (elements) folded after fusion (e.g. packed QKV weights).")
+
+
+@register
+class FuseTransformerPass(OptPass):
+    name = "fuse-transformer"
+    summary = ("Fuse Attention, SkipLayerNorm, BiasGelu/FastGelu and EmbedLayerNorm into ONNX "
+               "Runtime contrib ops (needs ONNX Runtime).")
+    Config = FuseTransformerConfig
+    needs_onnxruntime = True
+
+    def budget(self) -> Budget:
+        return TRANSFORMER_BUDGET
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: FuseTransformerConfig = self.config
+        # onnxscript's ORT optimizer also rewrites what is not a transformer (every Gemm back to
+        # MatMul + Add, for one), so it works on a copy that is adopted only if a fusion fired.
+        candidate = model.clone()
+        fused, counts = optimize_for_ort(candidate)
+        fired = {name: n for name, n in counts.items() if n}
+        if cfg.embed_layer_norm:
+            n = embed_layer_norm_rules().apply_to_model(fused)
+            if n:
+                fired["embed_layer_normalization"] = n
+        if not fired:
+            self.notes = {"fusions": {}, "contrib_ops": dict(_contrib_ops(model))}
+            return ir.passes.PassResult(model, False)
+        # Attention takes one packed QKV weight, which the fusion builds with a Concat of the
+        # three initializers: fold it so the runtime does not re-concatenate every call.
+        FoldConstantsPass(shape_inference=False, input_size_limit=cfg.fold_size_limit,
+                          output_size_limit=cfg.fold_size_limit)(fused)
+        common.RemoveUnusedNodesPass()(fused)
+        common.RemoveUnusedOpsetsPass()(fused)
+        replace_contents(model, fused)
+        self.notes = {"fusions": fired, "contrib_ops": dict(_contrib_ops(model))}
+        return ir.passes.PassResult(model, True)
+
+
+def _contrib_ops(model: ir.Model) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.all_nodes() if n.domain == CONTRIB)
+
+
+register_recipe("transformer", ["cleanup", "fuse", "fuse-transformer"])
