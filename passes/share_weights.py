@@ -1,0 +1,358 @@
+"""``share-weights``: k-means weight clustering stored as packed codes + codebook, and merging of
+near-identical tensors.
+
+Clustering (Deep Compression, Han et al. 2016): each weight tensor's values are replaced by the
+nearest of ``2**bits`` centroids found by 1-D k-means, initialised linearly between the smallest
+and largest value (linear initialisation keeps the rare large weights, which matter most, as
+centroids). Exact zeros keep a code of their own, so pruned weights stay pruned. A tensor with no
+more distinct values than centroids is reproduced exactly. With calibration data the centroids
+(and the layer's bias) are then refit by least squares, the assignment fixed, so each layer
+reproduces the outputs of the model the pass received (in place of the paper's fine-tuning).
+
+Storage (:mod:`onnxopt.passes.weight_storage`): codes as UINT4 (bits <= 4; the model is moved to
+opset 21 for it by onnxscript's version converter) or UINT8, densely or only for nonzeros
+(whichever is smaller), feeding ``Gather(codebook, Cast(codes))``. All inputs are constants, so
+ONNX Runtime folds the decoding into a dense weight at session load: run time is unchanged.
+
+Merging: tensors of equal shape whose relative L2 distance is within ``merge_tolerance`` are
+replaced by their mean and stored once (the "w_i = w_(i-1)" sharing), on top of onnx_ir's exact
+de-duplication, which this pass runs first for tensors of any size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxopt.passes import layer_refit, weight_storage
+from onnxopt.passes.linear_layers import WEIGHT_OPS, Layer, check_patterns, find_layers, first_match
+from onnxopt.passes.prune import unique_layers
+
+from onnxopt.metrics import Budget
+from onnxopt.registry import OptPass, option, register
+from onnxopt.stats import model_stats
+
+UINT4_OPSET = 21  # Cast from UINT4 exists from opset 21
+
+
+@dataclasses.dataclass
+class ShareWeightsConfig:
+    conv_bits: int = option(8, "Bits per Conv weight (2**bits centroids, zero included).")
+    fc_bits: int = option(5, "Bits per Gemm/MatMul weight (fully connected layers tolerate fewer).")
+    layer_bits: dict[str, int] = option(
+        {}, "Bits per layer pattern (fnmatch on node name, op type or weight name; 're:' prefix "
+        "for a regex), first match wins.")
+    exclude: list[str] = option([], "Layers left as they are (same patterns).")
+    ops: list[str] = option(list(WEIGHT_OPS), "Op types whose constant weight is clustered.")
+    min_elements: int = option(256, "Weights with fewer elements are left alone (the codebook "
+                               "would not pay for itself).")
+    iterations: int = option(50, "Most k-means (Lloyd) iterations per tensor.")
+    refit: bool = option(True, "Refit centroids and biases by least squares on the calibration "
+                         "data (the assignment fixed).")
+    damp: float = option(1e-3, "Ridge term of the centroid refit, relative to its mean diagonal.")
+    calibration_rows: int = option(200_000, "Most activation rows per layer the refit reads.")
+    merge_tolerance: float = option(
+        1e-3, "Merge weight tensors of equal shape whose relative L2 distance is at most this "
+        "(0: byte-identical ones only).")
+    index_dtype: Literal["auto", "uint8"] = option(
+        "auto", "'auto': UINT4 codes when a layer has at most 4 bits (moves the model to opset "
+        "21), else UINT8; 'uint8': always UINT8 and the opset is left as it is.")
+    min_cosine: float = option(
+        0.98, "Verification budget: cosine similarity of every output against the model "
+        "received, on the verification inputs (0 disables it).")
+
+    def __post_init__(self) -> None:
+        for name, bits in [("conv_bits", self.conv_bits), ("fc_bits", self.fc_bits),
+                           *[(f"layer_bits[{k}]", v) for k, v in self.layer_bits.items()]]:
+            if not 2 <= int(bits) <= 8:
+                raise ValueError(f"{name} must be between 2 and 8, got {bits}")
+        if self.merge_tolerance < 0:
+            raise ValueError("merge_tolerance must be >= 0")
+        check_patterns([*self.exclude, *self.layer_bits])
+
+
+@dataclasses.dataclass
+class Clustered:
+    """A clustered tensor: ``codebook[codes]`` has the weight's shape."""
+
+    codes: np.ndarray  # uint8, the weight's shape
+    codebook: np.ndarray  # float32; codebook[0] == 0 when ``zero_code``
+    zero_code: bool
+
+    def values(self) -> np.ndarray:
+        return self.codebook[self.codes]
+
+
+@register
+class ShareWeightsPass(OptPass):
+    name = "share-weights"
+    summary = ("Cluster Conv/Gemm/MatMul weights by k-means (2-8 bits, zeros kept) into packed "
+               "codes + codebook; merge near-identical tensors.")
+    Config = ShareWeightsConfig
+
+    def budget(self) -> Budget:
+        # Lossy: a cosine floor on the outputs; deep-compress checks top-1 accuracy instead.
+        cfg: ShareWeightsConfig = self.config
+        return Budget("cosine", min_value=cfg.min_cosine) if cfg.min_cosine > 0 else Budget("none")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: ShareWeightsConfig = self.config
+        before = model_stats(model)
+        exact = common_passes.DeduplicateInitializersPass(size_limit=1 << 62)(model).modified
+        layers = select_layers(model, cfg)
+        bits = [layer_bits(layer, cfg) for layer in layers]
+        if cfg.index_dtype == "auto" and any(b <= 4 for b in bits) and upgrade_for_uint4(model):
+            layers = select_layers(model, cfg)
+        index = index_dtype_for(model, cfg.index_dtype)
+        batches = self.context.calibration if cfg.refit else None
+        references = [(layer.to_rows(layer.weight_array()), layer.bias_array()) for layer in layers]
+        ref_inputs = (layer_refit.capture(model, [layer.input for layer in layers], batches)
+                      if batches and layers else None)
+        merged = merge_near_duplicates(model.graph, layers, cfg.merge_tolerance)
+        layers = select_layers(model, cfg) if merged else layers
+        with layer_refit.single_threaded_blas():
+            records = cluster_layers(model, layers, bits, references, ref_inputs, batches, cfg,
+                                     index)
+        weight_storage.remove_unused(model)
+        after = model_stats(model)
+        self.notes = {
+            "layers": records,
+            "merged": merged,
+            "exact_duplicates_removed": exact,
+            "refit": bool(batches),
+            "opset": model.opset_imports.get("", None),
+            "bytes_before": before.size_bytes, "bytes_after": after.size_bytes,
+            "zipped_before": before.zipped_bytes, "zipped_after": after.zipped_bytes,
+        }
+        modified = exact or bool(merged) or any(r["storage"] != "unchanged" for r in records)
+        return ir.passes.PassResult(model, modified)
+
+
+def select_layers(model: ir.Model, cfg: ShareWeightsConfig) -> list[Layer]:
+    return unique_layers(find_layers(model, ops=cfg.ops, exclude=cfg.exclude,
+                                     min_elements=cfg.min_elements))
+
+
+def layer_bits(layer: Layer, cfg: ShareWeightsConfig) -> int:
+    own = first_match(layer, dict(cfg.layer_bits))
+    if own is not None:
+        return int(own)  # type: ignore[arg-type]
+    return cfg.conv_bits if layer.kind == "conv" else cfg.fc_bits
+
+
+def upgrade_for_uint4(model: ir.Model) -> bool:
+    """Move the model to opset 21 (UINT4 Cast) with onnxscript's converter; False if it cannot."""
+    if model.opset_imports.get("", 0) >= UINT4_OPSET:
+        return False
+    from onnxscript import version_converter
+
+    try:
+        version_converter.convert_version(model, UINT4_OPSET)
+    except (ValueError, NotImplementedError, RuntimeError):
+        return False
+    return model.opset_imports.get("", 0) >= UINT4_OPSET
+
+
+def index_dtype_for(model: ir.Model, requested: str) -> Literal["uint4", "uint8"]:
+    """UINT4 is usable when asked for (``auto``) and the model's opset has it."""
+    ok = requested == "auto" and model.opset_imports.get("", 0) >= UINT4_OPSET
+    return "uint4" if ok else "uint8"
+
+
+# ---------------------------------------------------------------------------------------- k-means
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's algorithm on scalars with linear initialisation: ``(centroids, assignment)``.
+
+    In 1-D the nearest centroid is found by bisection on the midpoints, so one iteration costs
+    O(n log k); no library offers 1-D k-means with this initialisation without the n x k distances.
+    """
+    v = values.astype(np.float64).ravel()
+    centroids = np.linspace(v.min(), v.max(), k)
+    assignment = np.searchsorted((centroids[:-1] + centroids[1:]) / 2, v)
+    for _ in range(iterations):
+        sums = np.bincount(assignment, weights=v, minlength=k)
+        counts = np.bincount(assignment, minlength=k)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled]
+        centroids.sort()
+        new = np.searchsorted((centroids[:-1] + centroids[1:]) / 2, v)
+        if np.array_equal(new, assignment):
+            break
+        assignment = new
+    return centroids, assignment
+
+
+def cluster(array: np.ndarray, bits: int, iterations: int = 50) -> Clustered:
+    """``2**bits`` shared values for ``array``; exact zeros keep code 0 = 0.0.
+
+    Only centroids that some weight uses are kept, so the codebook may be shorter than 2**bits.
+    """
+    flat = array.reshape(-1)
+    zero = flat == 0
+    zero_code = bool(zero.any())
+    k = 2**bits - (1 if zero_code else 0)
+    nonzero = flat[~zero]
+    codes = np.zeros(flat.size, dtype=np.uint8)
+    if nonzero.size == 0:
+        return Clustered(codes.reshape(array.shape), np.zeros(1, np.float32), True)
+    distinct, inverse = np.unique(nonzero, return_inverse=True)
+    if distinct.size <= k:  # nothing to approximate: the values are the codebook
+        centroids, assignment = distinct.astype(np.float64), inverse.reshape(-1)
+    else:
+        centroids, assignment = kmeans_1d(nonzero, k, iterations)
+        used = np.unique(assignment)
+        remap = np.zeros(k, dtype=np.int64)
+        remap[used] = np.arange(used.size)
+        centroids, assignment = centroids[used], remap[assignment]
+    offset = 1 if zero_code else 0
+    codes[~zero] = assignment + offset
+    codebook = np.concatenate([[0.0] if zero_code else [], centroids]).astype(np.float32)
+    return Clustered(codes.reshape(array.shape), codebook, zero_code)
+
+
+# ---------------------------------------------------------------------------------------- merging
+def merge_near_duplicates(graph: ir.Graph, layers: Sequence[Layer], tolerance: float
+                          ) -> list[dict[str, Any]]:
+    """Store weights of equal shape within ``tolerance`` (relative L2) once, as their mean."""
+    if tolerance <= 0:
+        return []
+    groups: dict[tuple[tuple[int, ...], str], list[Layer]] = {}
+    for layer in layers:
+        array = layer.weight_array()
+        groups.setdefault((array.shape, str(array.dtype)), []).append(layer)
+    merged: list[dict[str, Any]] = []
+    for members in groups.values():
+        arrays = [m.weight_array().astype(np.float64) for m in members]
+        norms = [float(np.linalg.norm(a)) for a in arrays]
+        taken = [False] * len(members)
+        for i in range(len(members)):
+            if taken[i]:
+                continue
+            distance = {j: float(np.linalg.norm(arrays[i] - arrays[j]))
+                        for j in range(i + 1, len(members)) if not taken[j]}
+            group = [i] + [j for j, d in distance.items()
+                           if d <= tolerance * max(norms[i], norms[j])]
+            if len(group) < 2:
+                continue
+            mean = np.mean([arrays[j] for j in group], axis=0).astype(np.float32)
+            keep = members[i]
+            keep.weight = weight_storage.store_dense(graph, keep.weight, mean)
+            for j in group[1:]:
+                taken[j] = True
+                members[j].weight.replace_all_uses_with(keep.weight)
+                merged.append({"layer": members[j].name, "into": keep.name,
+                               "relative_distance": round(distance[j] / max(norms[i], 1e-30), 8)})
+    return merged
+
+
+# ---------------------------------------------------------------------------------------- layers
+@dataclasses.dataclass
+class LayerResult:
+    """A layer's clustered weight, its (refit) bias, and the report fields so far."""
+
+    clustered: Clustered
+    bias: np.ndarray | None
+    record: dict[str, Any]
+
+
+def cluster_layers(model: ir.Model, layers: Sequence[Layer], bits: Sequence[int],
+                   references: Sequence[tuple[np.ndarray, np.ndarray | None]],
+                   ref_inputs: list[list[np.ndarray]] | None, batches: Any,
+                   cfg: ShareWeightsConfig, index: Literal["uint4", "uint8"]
+                   ) -> list[dict[str, Any]]:
+    """Cluster, refit and store each layer in graph order; one report row per layer."""
+    records = []
+    changed = False
+    for i, (layer, b) in enumerate(zip(layers, bits)):
+        result = cluster_layer(model, layer, b, references[i],
+                               None if ref_inputs is None else ref_inputs[i], batches,
+                               changed, cfg)
+        record = write_result(model.graph, layer, result, index)
+        records.append(record)
+        changed = changed or record["storage"] != "unchanged"
+    return records
+
+
+def cluster_layer(model: ir.Model, layer: Layer, bits: int,
+                  reference: tuple[np.ndarray, np.ndarray | None],
+                  ref_inputs: list[np.ndarray] | None, batches: Any, changed: bool,
+                  cfg: ShareWeightsConfig) -> LayerResult:
+    """Cluster one layer (and refit it when reference inputs are given); nothing is written.
+
+    ``changed``: whether an earlier layer was changed, so that this layer's inputs must be read
+    from the model again rather than taken from ``ref_inputs``.
+    """
+    weight = layer.weight_array()
+    record: dict[str, Any] = {"layer": layer.name, "op": layer.node.op_type,
+                              "weights": int(weight.size), "bits": bits,
+                              "kept": int(np.count_nonzero(weight)),
+                              "bytes_fp32": int(weight.size * 4)}
+    fmt = weight_storage.stored_format(layer.weight)
+    distinct = np.unique(weight)
+    if fmt in ("codebook", "sparse-codebook") and distinct.size <= 2**bits:
+        record.update(storage="unchanged", codebook=int(distinct.size))
+        return LayerResult(cluster(weight, bits, cfg.iterations), layer.bias_array(), record)
+    clustered = cluster(weight, bits, cfg.iterations)
+    bias = layer.bias_array()
+    if ref_inputs is not None and batches and len(layer.weight.uses()) == 1:
+        clustered, bias, errors = refit_codebook(model, layer, clustered, bias, reference,
+                                                 ref_inputs, batches, changed, cfg)
+        record.update(errors)
+    return LayerResult(clustered, bias, record)
+
+
+def write_result(graph: ir.Graph, layer: Layer, result: LayerResult,
+                 index: Literal["uint4", "uint8"]) -> dict[str, Any]:
+    """Store a layer's clustered weight and bias; returns its report row."""
+    record = dict(result.record)
+    if record.get("storage") == "unchanged":
+        return record
+    record.update(store_clustered(graph, layer, result.clustered, index))
+    if result.bias is not None and layer.bias is not None:
+        stored = weight_storage.read_weight(layer.bias)
+        assert stored is not None
+        layer.bias = weight_storage.store_dense(graph, layer.bias,
+                                                layer.bias_to_stored(result.bias, stored))
+    return record
+
+
+def refit_codebook(model: ir.Model, layer: Layer, clustered: Clustered, bias: np.ndarray | None,
+                   reference: tuple[np.ndarray, np.ndarray | None], ref_inputs: list[np.ndarray],
+                   batches: Any, changed: bool, cfg: ShareWeightsConfig
+                   ) -> tuple[Clustered, np.ndarray | None, dict[str, float]]:
+    """Least-squares centroids (and bias) for ``layer``; keeps the k-means ones if no better."""
+    inputs = layer_refit.capture(model, [layer.input], batches)[0] if changed else ref_inputs
+    stats = layer_refit.accumulate(layer, inputs, ref_inputs, reference[0], reference[1],
+                                   max_rows=cfg.calibration_rows)
+    codes_rows = layer.layout(clustered.codes)
+    before = layer_refit.reconstruction_error(
+        stats, clustered.codebook[codes_rows] * layer.scale, bias)
+    codebook, new_bias = layer_refit.solve_codebook(
+        stats, codes_rows, clustered.codebook.astype(np.float64) * layer.scale, bias,
+        fixed_zero=clustered.zero_code, damp=cfg.damp)
+    after = layer_refit.reconstruction_error(stats, codebook[codes_rows], new_bias)
+    errors = {"error_cluster": round(float(before), 6), "error_refit": round(float(after), 6)}
+    if after >= before:
+        return clustered, bias, errors
+    refit = Clustered(clustered.codes, (codebook / layer.scale).astype(np.float32),
+                      clustered.zero_code)
+    return refit, None if new_bias is None else new_bias.astype(np.float32), errors
+
+
+def store_clustered(graph: ir.Graph, layer: Layer, clustered: Clustered,
+                    index: Literal["uint4", "uint8"]) -> dict[str, Any]:
+    """Encode as dense or sparse codes, whichever is smaller; report what was written."""
+    dtype: Literal["uint4", "uint8"] = index if clustered.codebook.size <= 16 else "uint8"
+    dense = weight_storage.codebook_bytes(clustered.codes, clustered.codebook, dtype, sparse=False)
+    sparse = (weight_storage.codebook_bytes(clustered.codes, clustered.codebook, dtype, sparse=True)
+              if clustered.zero_code else dense + 1)
+    use_sparse = sparse < dense
+    layer.weight = weight_storage.store_codebook(graph, layer.weight, clustered.codes,
+                                                 clustered.codebook, index_dtype=dtype,
+                                                 sparse=use_sparse)
+    return {"storage": "sparse-codebook" if use_sparse else "codebook", "index_dtype": dtype,
+            "codebook": int(clustered.codebook.size), "bytes": int(min(dense, sparse))}

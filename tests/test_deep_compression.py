@@ -1,0 +1,106 @@
+"""The ``deep-compression`` recipe: its search keeps the budget, and the report has the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from compression_models import mlp_proto, trained_digits_mlp
+from onnxopt.passes.deep_compression import compression_table
+
+import onnxopt
+from onnxopt.cli import main
+from onnxopt.errors import InputError
+from onnxopt.evaluation import predict, top1_accuracy
+from onnxopt.recipes import builtin_recipes
+
+# A coarser grid than the defaults keeps the search to seconds.
+FAST = {"keep_fractions": [0.3, 0.12, 0.06, 0.03], "bits": [8, 5, 3], "candidates": 2}
+
+
+def test_recipe_is_registered():
+    steps = builtin_recipes()["deep-compression"]
+    assert steps[-1] == {"pass": "deep-compress"}
+
+
+def test_without_any_data_is_an_input_error():
+    with pytest.raises(InputError, match="evaluation data"):
+        onnxopt.optimize(mlp_proto(), "deep-compression")
+
+
+@pytest.mark.slow
+def test_search_keeps_top1_within_budget_on_trained_digits_mlp():
+    model, data = trained_digits_mlp()
+    x_val, y_val = data.val_flat, data.y_val
+    calibration = [{"input": data.train_flat[i:i + 100]} for i in range(0, 400, 100)]
+    out, report = onnxopt.optimize(model, "deep-compression", calibration=calibration,
+                                   evaluation=({"input": x_val}, y_val),
+                                   overrides={**FAST, "max_drop": 1.0})
+    record = report.passes[-1]
+    assert record.name == "deep-compress" and record.modified
+    notes = record.notes
+    base, final = top1_accuracy(model, x_val, y_val), top1_accuracy(out, x_val, y_val)
+    assert base - final <= 1.0, (base, final)
+    changed = predict(out, x_val).argmax(1) != predict(model, x_val).argmax(1)
+    assert 100 * changed.mean() <= 1.0 + 1e-9  # the default max_flips guard
+    # The model written is the candidate the search measured (the search ran on copies).
+    assert final == pytest.approx(notes["final"]["top1"], abs=1e-3)
+    assert notes["final"]["cosine"] >= 0.99
+    assert report.after["zipped_bytes"] < report.before["size_bytes"] / 15
+    stages = [s["stage"] for s in notes["stages"]]
+    assert stages == ["fp32", "fp32, node metadata dropped", "pruned", "pruned+shared"]
+    sizes = [s["zipped_bytes"] for s in notes["stages"]]
+    assert sizes[2] < sizes[1] / 3 and sizes[3] < sizes[2]
+    table = notes["layers"]
+    assert table[-1]["layer"] == "total" and len(table) == 4
+    assert table[-1]["weights"] == sum(r["weights"] for r in table[:-1])
+    assert 0 < table[-1]["kept_pct"] < 100 and all(2 <= r["bits"] <= 8 for r in table[:-1])
+    assert "| total |" in compression_table(notes)
+    assert any(s["stage"] == "share" and not s["ok"] for s in notes["search"]) or \
+        all(r["bits"] == 3 for r in table[:-1])  # the bit search hit the budget or the floor
+
+
+@pytest.mark.slow
+def test_without_labels_the_cosine_budget_holds():
+    model, data = trained_digits_mlp()
+    x_val = data.val_flat
+    calibration = [{"input": data.train_flat[i:i + 100]} for i in range(0, 400, 100)]
+    out, report = onnxopt.optimize(model, "deep-compression", calibration=calibration,
+                                   evaluation=({"input": x_val}, None),
+                                   overrides={**FAST, "min_cosine": 0.995})
+    ref, got = predict(model, x_val), predict(out, x_val)
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.mean() >= 0.995
+    assert report.after["zipped_bytes"] < report.before["zipped_bytes"] / 5
+
+
+def test_cli_runs_the_recipe(tmp_path: Path):
+    """``--recipe deep-compression --calib --eval --max-drop`` end to end, on a tiny model.
+
+    A random network has no redundancy (10% fewer weights flip a sixth of its predictions), so
+    the budget here is wide: the test is about the options reaching the pass and being kept.
+    """
+    proto = mlp_proto(sizes=(64, 64, 32, 10))
+    src = tmp_path / "mlp.onnx"
+    onnx.save(proto, src)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    labels = predict(proto, x).argmax(1)  # the model's own predictions: baseline 100%
+    np.savez(tmp_path / "calib.npz", x=x[:128])
+    np.savez(tmp_path / "eval.npz", x=x[128:], labels=labels[128:])
+    out = tmp_path / "small.onnx"
+    code = main(["optimize", str(src), "-o", str(out), "--recipe", "deep-compression",
+                 "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                 "--max-drop", "25", "--set", "deep-compress.bits=[8,4]",
+                 "--set", "deep-compress.keep_fractions=[0.9,0.8]",
+                 "--set", "deep-compress.min_cosine=0.9", "--set", "deep-compress.max_flips=30",
+                 "--report", str(tmp_path / "report")])
+    assert code == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    notes = report["passes"][-1]["notes"]
+    assert report["passes"][-1]["options"]["max_drop"] == 25
+    assert 100 - top1_accuracy(out, x[128:], labels[128:]) <= 25 + 1e-9
+    assert notes["layers"][-1]["layer"] == "total"
