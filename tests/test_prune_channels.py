@@ -1,0 +1,344 @@
+"""The ``prune-channels`` pass: exact when pruning dead channels, valid and smaller otherwise,
+and least-squares reconstruction brings outputs back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from test_channel_groups import (CONV_BN_CONV, CONV_BN_CONV_SHAPES, FFN, FFN_CONSTS, FFN_SHAPES,
+                                 MLP, MLP_SHAPES, attention_model, build)
+
+from onnxopt import runner
+from onnxopt.errors import InputError
+from onnxopt.metrics import compare
+from onnxopt.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
+from onnxopt.recipes import builtin_recipes, load_recipe
+from onnxopt.registry import PASSES, PassContext, make_config
+from onnxopt.stats import model_stats
+
+
+def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    return runner.run(runner.reference_session(proto.SerializeToString()), feeds)
+
+
+def prune(model: ir.Model, calibration: list[dict[str, np.ndarray]] | None = None,
+          **options: Any) -> tuple[ir.Model, PruneChannelsPass]:
+    """A pruned copy of ``model`` and the pass (for its notes)."""
+    options.setdefault("round_to", 1)
+    options.setdefault("min_cosine", 0.0)
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    opt = PruneChannelsPass(make_config(PruneChannelsPass, options),
+                            PassContext(calibration=calibration))
+    opt(copy)
+    return copy, opt
+
+
+def assert_same_outputs(a: ir.Model, b: ir.Model, feeds: dict[str, np.ndarray],
+                        tol: float = 1e-5) -> None:
+    np.testing.assert_allclose(run(a, feeds)["y"], run(b, feeds)["y"], rtol=tol, atol=tol)
+
+
+def zero_units(model: ir.Model, slices: dict[str, tuple[int, list[int]]]) -> None:
+    """Zero ``slices[name] = (axis, indices)`` of initializers: those channels are dead."""
+    for name, (axis, idx) in slices.items():
+        value = model.graph.initializers[name]
+        array = value.const_value.numpy().copy()
+        index = [slice(None)] * array.ndim
+        index[axis] = idx
+        array[tuple(index)] = 0
+        value.const_value = ir.Tensor(array, name=name)
+
+
+def feeds_for(shape: tuple[int, ...], seed: int, name: str = "x") -> dict[str, np.ndarray]:
+    return {name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact by construction: dead channels go, outputs stay
+
+
+def test_dead_conv_channels_prune_to_identical_outputs() -> None:
+    model = build(CONV_BN_CONV, CONV_BN_CONV_SHAPES)
+    dead = [1, 4, 6, 7]
+    zero_units(model, {"w1": (0, dead), "b1": (0, dead), "s1": (0, dead), "t1": (0, dead),
+                       "w2": (1, dead)})
+    model.graph.initializers["v1"].const_value = ir.Tensor(
+        np.abs(model.graph.initializers["v1"].const_value.numpy()) + 0.5, name="v1")
+    feeds = feeds_for((2, 3, 8, 8), seed=1)
+    pruned, opt = prune(model, ratio=0.5)
+    assert pruned.graph.initializers["w1"].const_value.shape == (4, 3, 3, 3)
+    assert pruned.graph.initializers["w2"].const_value.shape == (4, 4, 1, 1)
+    ref, out = run(model, feeds)["y"], run(pruned, feeds)["y"]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert opt.notes["groups"][0]["group"] == "conv1 out -> bn1 -> conv2 in"
+    assert opt.notes["groups"][0]["kept"] == 4
+    assert opt.notes["macs_after"] < opt.notes["macs_before"]
+
+
+def test_dead_mlp_neurons_prune_to_identical_outputs() -> None:
+    model = build(MLP, MLP_SHAPES)
+    dead = [0, 3, 5, 8, 9]
+    zero_units(model, {"w1": (1, dead), "b1": (0, dead), "w2": (0, dead)})
+    feeds = feeds_for((4, 6), seed=2)
+    pruned, _ = prune(model, ratio=0.5)
+    assert pruned.graph.initializers["w1"].const_value.shape == (6, 5)
+    assert_same_outputs(pruned, model, feeds)
+
+
+def test_dead_attention_head_prunes_to_identical_outputs() -> None:
+    model = attention_model()
+    head = [4, 5, 6, 7]
+    zero_units(model, {"wq": (1, head), "bq": (0, head), "wk": (1, head), "wv": (1, head),
+                       "wo": (0, head)})
+    feeds = feeds_for((2, 5, 8), seed=3)
+    pruned, opt = prune(model, ratio=0.5)
+    heads = [g for g in opt.notes["groups"] if g["kind"] == "heads"]
+    assert heads and heads[0]["kept"] == 1 and heads[0]["unit_width"] == 4
+    assert pruned.graph.initializers["wq"].const_value.shape == (8, 4)
+    # The head-count constants of the Reshapes were rewritten.
+    shapes = sorted(tuple(v.const_value.numpy().tolist())
+                    for v in pruned.graph.initializers.values()
+                    if v.const_value.dtype == ir.DataType.INT64)
+    assert (0, 0, 1, 4) in shapes and (0, 0, 4) in shapes
+    assert_same_outputs(pruned, model, feeds)
+
+
+def test_dead_ffn_neurons_prune_to_identical_outputs() -> None:
+    model = build(FFN, FFN_SHAPES, FFN_CONSTS)
+    dead = list(range(0, 16, 2))
+    zero_units(model, {"w1": (1, dead), "b1": (0, dead), "w2": (0, dead)})
+    feeds = feeds_for((2, 3, 8), seed=4)
+    pruned, opt = prune(model, ratio=0.5)
+    assert pruned.graph.initializers["w1"].const_value.shape == (8, 8)
+    assert_same_outputs(pruned, model, feeds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure: valid, smaller, same interface
+
+
+RESNET_LIKE = """
+net (float[N, 3, 8, 8] x) => (float[N, 4] y) {
+  [conv1] c1 = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (x, w1, b1)
+  [bn1] n1 = BatchNormalization (c1, s1, t1, m1, v1)
+  [relu1] r1 = Relu (n1)
+  [conv2] c2 = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (r1, w2, b2)
+  [bn2] n2 = BatchNormalization (c2, s2, t2, m2, v2)
+  [add] a = Add (n2, r1)
+  [relu2] r2 = Relu (a)
+  [dw] d = Conv <group=16, pads=[1,1,1,1], kernel_shape=[3,3]> (r2, wd, bd)
+  [pool] p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (d)
+  [flat] f = Flatten (p)
+  [fc1] h = Gemm <transB=1> (f, wf, bf)
+  [relu3] hr = Relu (h)
+  [fc2] y = Gemm <transB=1> (hr, wo, bo)
+}
+"""
+
+
+def resnet_like(seed: int = 0) -> ir.Model:
+    c = 16
+    model = build(RESNET_LIKE, dict(
+        w1=(c, 3, 3, 3), b1=(c,), s1=(c,), t1=(c,), m1=(c,), w2=(c, c, 3, 3), b2=(c,), s2=(c,),
+        t2=(c,), m2=(c,), wd=(c, 1, 3, 3), bd=(c,), wf=(32, c * 16), bf=(32,), wo=(4, 32),
+        bo=(4,)), dict(v1=np.full(c, 1.5, np.float32), v2=np.full(c, 1.5, np.float32)), seed=seed)
+    for name, scale in (("w2", 0.2), ("wf", 0.1)):
+        v = model.graph.initializers[name]
+        v.const_value = ir.Tensor(v.const_value.numpy() * scale, name=name)
+    return model
+
+
+def test_pruned_model_is_valid_smaller_and_keeps_its_interface() -> None:
+    model = resnet_like()
+    pruned, opt = prune(model, ratio=0.5, round_to=4)
+    feeds = feeds_for((3, 3, 8, 8), seed=5)
+    out = run(pruned, feeds)["y"]
+    assert out.shape == (3, 4)
+    assert [(v.name, list(v.shape)) for v in pruned.graph.inputs] == \
+        [(v.name, list(v.shape)) for v in model.graph.inputs]
+    assert [(v.name, list(v.shape)) for v in pruned.graph.outputs] == \
+        [(v.name, list(v.shape)) for v in model.graph.outputs]
+    before, after = model_stats(model), model_stats(pruned)
+    assert after.total_macs < 0.5 * before.total_macs
+    assert after.params < before.params
+    assert opt.notes["macs_after"] == after.total_macs
+    assert pruned.graph.node("dw").attributes.get_int("group") == 8  # follows the kept channels
+    kept = {g["group"]: g["kept"] for g in opt.notes["groups"]}
+    assert kept["conv1 out -> bn1 -> conv2 in -> conv2 out -> bn2 -> add join -> dw dw -> "
+                "flat flatten -> fc1 in"] == 8
+    assert kept["fc1 out -> fc2 in"] == 16
+
+
+def test_kept_counts_round_up_to_the_multiple() -> None:
+    model = resnet_like()
+    pruned, opt = prune(model, ratio=0.6, round_to=8)
+    kept = [g["kept"] for g in opt.notes["groups"] if "skipped" not in g]
+    assert kept == [8, 16]  # 16 * 0.4 = 6.4 -> 8; 32 * 0.4 = 12.8 -> 16
+    assert pruned.graph.initializers["w1"].const_value.shape[0] == 8
+
+
+def test_global_scope_removes_the_ratio_overall() -> None:
+    model = resnet_like(seed=3)
+    _, opt = prune(model, ratio=0.5, scope="global")
+    groups = [g for g in opt.notes["groups"] if "skipped" not in g]
+    assert sum(g["units"] - g["kept"] for g in groups) == (16 + 32) // 2
+
+
+def test_protected_layers_are_untouched() -> None:
+    model = resnet_like()
+    pruned, opt = prune(model, ratio=0.5, protect=["fc1"])
+    assert pruned.graph.initializers["wf"].const_value.shape == (32, 16 * 16)
+    np.testing.assert_array_equal(pruned.graph.initializers["wf"].const_value.numpy(),
+                                  model.graph.initializers["wf"].const_value.numpy())
+    assert all(g.get("skipped") == "protected" for g in opt.notes["groups"][:2])
+
+
+def test_kinds_select_which_groups_are_pruned() -> None:
+    pruned, _ = prune(resnet_like(), ratio=0.5, kinds=["neurons"])
+    assert pruned.graph.initializers["w1"].const_value.shape[0] == 16
+    assert pruned.graph.initializers["wo"].const_value.shape == (4, 16)
+
+
+def test_unknown_op_leaves_the_model_unchanged() -> None:
+    model = build("""
+    net (float[N, 3, 4, 4] x) => (float[N, 2, 4, 4] y) {
+      [conv1] a = Conv <kernel_shape=[1,1]> (x, w1)
+      [lrn] l = LRN <size=3> (a)
+      [conv2] y = Conv <kernel_shape=[1,1]> (l, w2)
+    }""", dict(w1=(6, 3, 1, 1), w2=(2, 6, 1, 1)))
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    opt = PruneChannelsPass(PruneChannelsConfig(ratio=0.5), PassContext())
+    result = opt(copy)
+    assert not result.modified
+    assert copy.graph.initializers["w1"].const_value.shape == (6, 3, 1, 1)
+    assert opt.notes["groups"][0]["skipped"].startswith("blocked: LRN 'lrn'")
+
+
+def test_bad_options_are_input_errors() -> None:
+    with pytest.raises(InputError, match="ratio"):
+        make_config(PruneChannelsPass, {"ratio": 1.0})
+    with pytest.raises(InputError, match="kinds"):
+        make_config(PruneChannelsPass, {"kinds": ["filters"]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction
+
+
+def test_least_squares_reconstruction_improves_fidelity() -> None:
+    model = resnet_like()
+    calibration = [feeds_for((16, 3, 8, 8), seed=10 + i) for i in range(4)]
+    held_out = feeds_for((64, 3, 8, 8), seed=99)
+    ref = run(model, held_out)["y"]
+    plain, _ = prune(model, calibration, ratio=0.5, reconstruct=False, recalibrate_bn=False)
+    refit, opt = prune(model, calibration, ratio=0.5)
+    cos_plain = compare(ref, run(plain, held_out)["y"])["cosine"]
+    cos_refit = compare(ref, run(refit, held_out)["y"])["cosine"]
+    assert cos_refit > cos_plain + 0.05
+    steps = {s["layer"]: s for s in opt.notes["reconstruction"]}
+    assert {"conv2", "fc1", "fc2", "bn2"} <= set(steps)
+    for layer in ("conv2", "fc1", "fc2"):
+        assert steps[layer]["rel_error_after"] < steps[layer]["rel_error_before"]
+    # bn2 follows the refitted conv2: its running statistics were re-estimated.
+    old_mean = model.graph.initializers["m2"].const_value.numpy()
+    new_mean = refit.graph.initializers["m2"].const_value.numpy()
+    assert new_mean.shape == (8,) and not np.allclose(new_mean, old_mean[:8])
+
+
+def test_reconstruction_importance_removes_a_duplicate_neuron_exactly() -> None:
+    # Hidden neuron 7 duplicates neuron 2 (same input weights and bias) and has the largest
+    # weights, so norm importance keeps it; the least-squares-aware order removes one twin,
+    # and the refit moves its outgoing weights onto the other: outputs are unchanged.
+    model = build(MLP, MLP_SHAPES)
+    inits = model.graph.initializers
+    w1, b1, w2 = (inits[n].const_value.numpy().copy() for n in ("w1", "b1", "w2"))
+    w1[:, 7], b1[7], w2[7] = w1[:, 2], b1[2], 4.0
+    for name, array in (("w1", w1), ("b1", b1), ("w2", w2)):
+        inits[name].const_value = ir.Tensor(array, name=name)
+    calibration = [feeds_for((64, 6), seed=20 + i) for i in range(2)]
+    feeds = feeds_for((16, 6), seed=30)
+    pruned, _ = prune(model, calibration, ratio=0.1, importance="reconstruction", ridge=1e-9)
+    kept_b1 = pruned.graph.initializers["b1"].const_value.numpy()
+    assert kept_b1.shape == (9,) and np.sum(np.isclose(kept_b1, b1[2])) == 1
+    assert_same_outputs(pruned, model, feeds, tol=1e-4)
+    by_norm, _ = prune(model, calibration, ratio=0.1, importance="l2", reconstruct=False)
+    assert np.sum(np.isclose(by_norm.graph.initializers["b1"].const_value.numpy(), b1[2])) == 2
+
+
+def test_without_calibration_reconstruction_is_skipped_and_said() -> None:
+    _, opt = prune(resnet_like(), None, ratio=0.5)
+    assert opt.notes["reconstruction"] == "skipped: no calibration data"
+
+
+def test_budget_is_a_cosine_floor_or_none() -> None:
+    assert PruneChannelsPass(PruneChannelsConfig(min_cosine=0.95)).budget().describe() == \
+        "cosine >= 0.95"
+    assert PruneChannelsPass(PruneChannelsConfig(min_cosine=0)).budget().kind == "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# Real architectures and the recipe
+
+
+def test_prune_channels_recipe_is_built_in() -> None:
+    steps = [s if isinstance(s, str) else s["pass"] for s in builtin_recipes()["prune-channels"]]
+    assert steps == ["cleanup", "fuse", "prune-channels"]
+    if "fuse" in PASSES:
+        assert [s.name for s in load_recipe("prune-channels")[1]] == steps
+
+
+@pytest.mark.slow
+def test_light_resnet50_prunes_and_runs() -> None:
+    from onnxopt import zoo
+
+    model = zoo.light_model("resnet50")
+    pruned, opt = prune(model, ratio=0.25, round_to=8)
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(0).standard_normal(
+        (1, 3, 224, 224)).astype(np.float32)}
+    out = run(pruned, feeds)
+    assert [o.shape for o in out.values()] == [(1, 1000)]
+    assert opt.notes["macs_after"] < 0.7 * opt.notes["macs_before"]
+    pruned_groups = [g for g in opt.notes["groups"] if "skipped" not in g]
+    assert len(pruned_groups) >= 30
+    assert any("join" in g["group"] for g in pruned_groups)  # residual stages pruned as one
+
+
+@pytest.mark.slow
+def test_exported_torch_residual_block_through_the_pipeline() -> None:
+    torch = pytest.importorskip("torch")
+    from onnxopt.api import optimize
+    from onnxopt.export import export
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1),
+                                            torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1),
+                                            torch.nn.BatchNorm2d(16))
+            self.head = torch.nn.Linear(16 * 4 * 4, 5)
+
+        def forward(self, x: Any) -> Any:
+            s = self.stem(x)
+            r = torch.relu(self.body(s) + s)
+            return self.head(torch.flatten(torch.nn.functional.max_pool2d(r, 2), 1))
+
+    torch.manual_seed(0)
+    net = Block().eval()
+    x = torch.randn(2, 3, 8, 8)
+    model = export(net, x, verify=False)
+    calibration = [{model.graph.inputs[0].name: np.random.default_rng(i).standard_normal(
+        (16, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    recipe = [{"pass": "prune-channels", "ratio": 0.5, "min_cosine": 0.5}]
+    optimized, report = optimize(model, recipe, calibration=calibration)
+    record = report.passes[-1]
+    assert record.modified and record.notes["macs_after"] < record.notes["macs_before"]
+    assert record.drift and all(m["cosine"] >= 0.5 for m in record.drift.values())
+    out = run(optimized, {model.graph.inputs[0].name: x.numpy()})
+    assert next(iter(out.values())).shape == (2, 5)
