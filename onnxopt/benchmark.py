@@ -145,7 +145,7 @@ class _Entry:
 def benchmark(
     models: Sequence[ModelLike],
     *,
-    threads: Sequence[int] | int = (1, 2),
+    threads: Sequence[int] | int | None = None,
     feeds: Mapping[str, np.ndarray] | str | Path | None = None,
     shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     names: Sequence[str] | None = None,
@@ -156,7 +156,7 @@ def benchmark(
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     block_s: float = BLOCK_S,
     opt_level: str = "all",
-    session_config: Mapping[str, str] | None = None,
+    session_config: Mapping[str, Any] | str | Path | None = None,
     measure_memory: bool = True,
     seed: int = 0,
     bootstrap: int = BOOTSTRAP_REPS,
@@ -166,7 +166,8 @@ def benchmark(
 
     Args:
         models: ``onnx_ir.Model``, ``onnx.ModelProto`` or paths; all must take the same inputs.
-        threads: intra-op thread counts; each gets its own sessions and rounds.
+        threads: intra-op thread counts; each gets its own sessions and rounds (default: the
+            session configuration's ``intra_op_num_threads`` if it sets one, else 1 and 2).
         feeds: inputs (a dict or an ``.npz`` path); default: seeded ones synthesized from the
             first model (``shapes`` as in ``onnxopt.feeds.synthesize_feeds``, or ``--shape``
             strings).
@@ -179,7 +180,10 @@ def benchmark(
         time_budget_s: wall seconds of rounds per thread count (all models together), when
             ``rounds`` is not given.
         block_s: target seconds of one block when ``block`` is not given.
-        opt_level, session_config: ORT graph optimization level and session config entries.
+        opt_level: ORT graph optimization level.
+        session_config: ORT session config entries (``{"session.intra_op.allow_spinning":
+            "0"}``), or a session configuration as ``onnxopt tune`` writes it (the document or
+            its JSON path: threads, execution mode, memory arena and pattern, config entries).
         measure_memory: run each model in a child process to read its peak resident memory.
         bootstrap: bootstrap resamples for ``speedup_ci95``.
         progress: called with (fraction done in [0, 1], description).
@@ -188,12 +192,16 @@ def benchmark(
         InputError: unreadable models, models with different inputs, feeds that do not fit,
             bad arguments.
     """
+    options = _session_options(session_config)
+    if threads is None:
+        threads = options.pop("threads", None) or (1, 2)
+    options.pop("threads", None)
     thread_counts = _check_args(models, threads, names, warmup, rounds, block, settle,
                                 time_budget_s, opt_level)
     if bootstrap < 1 or not block_s > 0:
         raise InputError(f"bootstrap must be >= 1 and block_s > 0, got {bootstrap}, {block_s}")
     report = progress or (lambda fraction, description: None)
-    config = {str(k): str(v) for k, v in (session_config or {}).items()}
+    config = options.pop("config", {})
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as tmp:
         entries = _entries(models, names, Path(tmp))
         feed_source = "synthesized" if feeds is None else "given"
@@ -207,7 +215,7 @@ def benchmark(
             new_rows, used = _measure_thread_count(
                 entries, the_feeds, t, warmup=warmup, rounds=rounds, block=block, settle=settle,
                 time_budget_s=time_budget_s, block_s=block_s, opt_level=opt_level, config=config,
-                bootstrap=bootstrap, rng=rng,
+                options=options, bootstrap=bootstrap, rng=rng,
                 progress=lambda f, d, base=i * share: report(base + f * share, d),
             )
             rows.extend(new_rows)
@@ -215,7 +223,7 @@ def benchmark(
         memory = {}
         if measure_memory:
             memory = _measure_memory(entries, the_feeds, max(thread_counts), opt_level, config,
-                                     Path(tmp), report, 1.0 - memory_share)
+                                     Path(tmp), report, 1.0 - memory_share, options)
         for r in rows:
             peak, before = memory.get(r["model"], (None, None))
             r["peak_rss_mb"] = peak
@@ -228,6 +236,8 @@ def benchmark(
         ]
     settings = _settings(thread_counts, warmup, rounds, block, settle, time_budget_s, block_s,
                          opt_level, config, bootstrap, seed, measure_memory, settings_per_threads)
+    if options:
+        settings["session_options"] = options
     return BenchmarkResult(
         models=model_records,
         rows=rows,
@@ -236,6 +246,19 @@ def benchmark(
         feeds={k: {"shape": list(v.shape), "dtype": str(v.dtype), "source": feed_source}
                for k, v in the_feeds.items()},
     )
+
+
+def _session_options(session_config: Mapping[str, Any] | str | Path | None) -> dict[str, Any]:
+    """``runner.session_options`` keywords other than ``opt_level``, from either form of
+    ``session_config`` (plain config entries, or a session configuration document or file)."""
+    try:
+        if isinstance(session_config, (str, Path)):
+            return runner.load_session_config(session_config)
+        if runner.is_session_config(session_config):
+            return runner.session_config_options(session_config)
+    except runner.RunnerError as exc:
+        raise InputError(str(exc)) from exc
+    return {"config": {str(k): str(v) for k, v in (session_config or {}).items()}}
 
 
 def _settings(thread_counts: list[int], warmup: int | None, rounds: int | None,
@@ -255,6 +278,7 @@ def _settings(thread_counts: list[int], warmup: int | None, rounds: int | None,
         "opt_level": opt_level,
         "session_config": config,
         "spinning": "off" if config.get("session.intra_op.allow_spinning") == "0" else "on",
+        "energy_proxy": f"cpu_seconds_per_inference: {runner.ENERGY_PROXY_NOTE}",
         "order": "blocks per model, order reversed every other round",
         "bootstrap": bootstrap,
         "seed": seed,
@@ -352,7 +376,8 @@ def _feeds(entries: list[_Entry], feeds: Mapping[str, np.ndarray] | str | Path |
 def _measure_thread_count(
     entries: list[_Entry], feeds: Feeds, threads: int, *, warmup: int | None, rounds: int | None,
     block: int | None, settle: int | None, time_budget_s: float, block_s: float, opt_level: str,
-    config: dict[str, str], bootstrap: int, rng: np.random.Generator, progress: Progress,
+    config: dict[str, str], options: dict[str, Any], bootstrap: int, rng: np.random.Generator,
+    progress: Progress,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows for one thread count: create every session, warm up, then timed rounds of blocks."""
     progress(0.0, f"{threads} thread(s): loading")
@@ -361,42 +386,68 @@ def _measure_thread_count(
         start = time.perf_counter()
         try:
             sessions.append(runner.create_session(str(e.path), threads=threads,
-                                                  opt_level=opt_level, config=config))
+                                                  opt_level=opt_level, config=config, **options))
         except runner.ORT_ERRORS as exc:
             raise InputError(f"ONNX Runtime cannot load it ({one_line(exc)})", e.source) from exc
         load_s.append(time.perf_counter() - start)
     runs = [_runner_of(s, feeds, e) for s, e in zip(sessions, entries, strict=True)]
+    stats, used = measure_interleaved(
+        runs, [e.name for e in entries], warmup=warmup, rounds=rounds, block=block,
+        settle=settle, time_budget_s=time_budget_s, block_s=block_s, bootstrap=bootstrap,
+        rng=rng, progress=lambda f, d: progress(f, f"{threads} thread(s): {d}"))
+    del runs, sessions  # release the thread pools before the next thread count
+    rows = [{"model": e.name, "threads": threads, **{k: v for k, v in st.items()
+                                                      if k not in _LATE_KEYS},
+             "load_s": load_s[m], **{k: st[k] for k in _LATE_KEYS}}
+            for m, (e, st) in enumerate(zip(entries, stats, strict=True))]
+    return rows, used
+
+
+_LATE_KEYS = ("cpu_seconds_per_inference", "speedup", "speedup_ci95")
+
+
+def measure_interleaved(
+    runs: Sequence[Callable[[], Any]], names: Sequence[str], *, warmup: int | None = None,
+    rounds: int | None = None, block: int | None = None, settle: int | None = None,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S, block_s: float = BLOCK_S,
+    bootstrap: int = BOOTSTRAP_REPS, rng: np.random.Generator | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The core of :func:`benchmark` for any callables (e.g. one model in differently
+    configured sessions, as ``onnxopt tune`` compares): warm-up, then interleaved rounds of
+    blocks with settle runs after each switch, then bootstrap intervals of the speed-ups.
+
+    Returns one dict per callable (:func:`runner.latency_stats` keys plus ``rounds``, ``block``,
+    ``settle``, ``cpu_seconds_per_inference``, ``speedup`` against the first callable and
+    ``speedup_ci95``) and the rounds, block sizes and settle runs used.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    report = progress or (lambda fraction, description: None)
     estimates = [_warm_up(run, warmup) for run in runs]
     blocks = [block or int(min(MAX_BLOCK, max(1, round(block_s / est)))) for est in estimates]
     settles = [settle if settle is not None else _default_settle(est) for est in estimates]
-    samples, cpu, r = _timed_rounds(runs, blocks, settles, rounds, time_budget_s,
-                                    lambda f, d: progress(f, f"{threads} thread(s): {d}"))
-    del runs, sessions  # release the thread pools before the next thread count
+    samples, cpu, r = _timed_rounds(list(runs), blocks, settles, rounds, time_budget_s, report)
     medians = _bootstrap_medians(samples, bootstrap, rng)
-    rows = []
+    results = []
     ref_p50 = float(np.percentile(np.concatenate(samples[0]), 50))
-    for m, e in enumerate(entries):
+    for m in range(len(runs)):
         stats = runner.latency_stats(np.concatenate(samples[m]))
         ratios = medians[0] / medians[m]
         lo, hi = np.percentile(ratios, [2.5, 97.5])
-        rows.append({
-            "model": e.name,
-            "threads": threads,
+        results.append({
             **stats,
             "rounds": r,
             "block": blocks[m],
             "settle": settles[m],
-            "load_s": load_s[m],
             "cpu_seconds_per_inference": cpu[m] / stats["iterations"],
             "speedup": ref_p50 / stats["p50_ms"],
             "speedup_ci95": [float(lo), float(hi)],
         })
-    names = [e.name for e in entries]
     used = {"rounds": r,
             "block": dict(zip(names, blocks, strict=True)),
             "settle": dict(zip(names, settles, strict=True)),
             "warmup_estimate_ms": {n: est * 1000 for n, est in zip(names, estimates, strict=True)}}
-    return rows, used
+    return results, used
 
 
 def _timed_rounds(
@@ -516,7 +567,8 @@ def _weighted_p50(sorted_rounds: list[np.ndarray], counts: np.ndarray) -> np.nda
 
 def _measure_memory(entries: list[_Entry], feeds: Feeds, threads: int, opt_level: str,
                     config: dict[str, str], tmp: Path, report: Progress,
-                    start: float) -> dict[str, tuple[float | None, float | None]]:
+                    start: float, options: Mapping[str, Any] | None = None,
+                    ) -> dict[str, tuple[float | None, float | None]]:
     """(peak RSS, RSS before loading) in MiB per model, each from a fresh runner process.
 
     The runner file is run by path through ``runpy`` (not ``-m onnxopt.runner``): the child then
@@ -534,6 +586,7 @@ def _measure_memory(entries: list[_Entry], feeds: Feeds, threads: int, opt_level
                "--warmup", "1", "--iterations", str(MEMORY_ITERATIONS)]
         for key, value in config.items():
             cmd += ["--config", f"{key}={value}"]
+        cmd += runner.option_flags(options or {})
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=600)
         except subprocess.TimeoutExpired as exc:

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import importlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxopt import runner
+from onnxopt.cache import cache_root
 from onnxopt.errors import InputError
 from onnxopt.model_io import upgrade_opset
 
@@ -260,11 +260,8 @@ def _cached_export(module: Any) -> ir.Model:
 
 
 def cache_dir() -> Path:
-    """Where exports are cached: ``$ONNXOPT_CACHE`` or a folder under the temp directory."""
-    root = os.environ.get("ONNXOPT_CACHE") or os.path.join(tempfile.gettempdir(), "onnxopt-cache")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where exports are cached (see :func:`onnxopt.cache.cache_root`)."""
+    return cache_root()
 
 
 def _version_key() -> str:
