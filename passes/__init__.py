@@ -10,3 +10,11 @@ if __name__ != "onnxopt.passes":  # pragma: no cover - guard against a second co
     )
 
 from onnxopt.passes import cleanup  # noqa: E402,F401  (registers the pass)
+from onnxopt.passes import fusion  # noqa: E402,F401  (after cleanup: its `default` recipe wins)
+from onnxopt.passes import prune_channels  # noqa: E402,F401
+from onnxopt.passes import transformer  # noqa: E402,F401
+from onnxopt.passes import prune  # noqa: E402,F401
+from onnxopt.passes import quantize  # noqa: E402,F401
+from onnxopt.passes import share_weights  # noqa: E402,F401
+from onnxopt.passes import fp16  # noqa: E402,F401
+from onnxopt.passes import deep_compression  # noqa: E402,F401

@@ -1,0 +1,43 @@
+"""Intermediate tensors of one run: every float activation of a model, for one small batch.
+
+Every float node output becomes a graph output of a copy of the model (ORT's ``qdq_loss_debug``
+helpers do the same but flatten each tensor to 1-D, and per-node SQNR needs the shapes). The batch
+stays small (a few samples): every activation of the run is in memory at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt import runner
+from onnxopt.feeds import Feeds
+
+# Samples used for activation statistics: enough for percentiles and SQNR, small in memory.
+SAMPLE_LIMIT = 4
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+def small_batch(batch: Feeds, limit: int = SAMPLE_LIMIT, fixed_batch: bool = False) -> Feeds:
+    """The first ``limit`` samples of ``batch`` (all of it when the model's batch is fixed)."""
+    if fixed_batch:
+        return batch
+    return {k: v[:limit] for k, v in batch.items()}
+
+
+def capture(proto: onnx.ModelProto, feeds: Feeds) -> dict[str, np.ndarray]:
+    """Tensor name -> value for the float graph inputs and float node outputs."""
+    model = ir.serde.deserialize_model(proto)
+    graph = model.graph
+    outputs = {v.name for v in graph.outputs}
+    for node in graph:
+        for value in node.outputs:
+            if value.name not in outputs and value.dtype in _FLOATS:
+                graph.outputs.append(value)
+                outputs.add(value.name)
+    session = runner.create_session(
+        ir.serde.serialize_model(model).SerializeToString(), threads=None, opt_level="disabled")
+    values = runner.run(session, feeds)
+    values.update({k: v for k, v in feeds.items() if v.dtype.kind == "f"})
+    return values

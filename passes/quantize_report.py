@@ -1,0 +1,76 @@
+"""The sensitivity report: every compute node, its SQNR and accuracy effect, INT8 or why not.
+
+Plain data for the pass's ``notes``: ``sensitivity`` (one record per Conv/MatMul/Gemm, most
+sensitive first), ``excluded`` (node -> reason) and ``int8_mac_share`` (the share of the model's
+multiply-accumulates that run in INT8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxopt.passes.quantize_convert import DYNAMIC_OPS, QuantSpec
+from onnxopt.passes.quantize_prepare import ComputeNode, PreparedModel
+from onnxopt.passes.quantize_safety import FloatPlan
+from onnxopt.passes.quantize_sensitivity import NodeSensitivity, SearchResult
+
+
+def quantized_nodes(prepared: PreparedModel, spec: QuantSpec) -> set[str]:
+    """Compute nodes ``spec`` puts in INT8."""
+    names = set()
+    for n in prepared.nodes:
+        if n.name in spec.exclude:
+            continue
+        if spec.mode == "dynamic" and (n.op_type not in DYNAMIC_OPS or n.weight is None):
+            continue
+        if spec.op_types is not None and n.op_type not in spec.op_types:
+            continue
+        names.add(n.name)
+    return names
+
+
+def sensitivity_report(prepared: PreparedModel, ranking: list[NodeSensitivity],
+                       result: SearchResult | None, plan: FloatPlan, shallow: set[str],
+                       min_depth: int, output_sqnr: dict[str, float] | None) -> dict[str, Any]:
+    """``sensitivity``, ``excluded`` and ``int8_mac_share`` for the notes."""
+    spec = result.spec if result is not None else None
+    quantized = quantized_nodes(prepared, spec) if spec else set()
+    rows = {r.node: r for r in ranking}
+    order = [r.node for r in ranking] + [n.name for n in prepared.nodes if n.name not in rows]
+    by_name = {n.name: n for n in prepared.nodes}
+    total = max(prepared.total_macs, 1)
+    report = []
+    for name in order:
+        n = by_name[name]
+        row = rows.get(name) or NodeSensitivity(name, n.op_type, n.macs, n.macs / total,
+                                                None, None, None)
+        row.int8 = name in quantized
+        if result is not None:
+            row.accuracy_effect = result.effects.get(name)
+        if output_sqnr is not None:
+            row.output_sqnr_db = output_sqnr.get(n.output)
+        row.reason = None if row.int8 else _why_float(n, plan, result, shallow, min_depth)
+        report.append(row.to_dict())
+    share = sum(n.macs for n in prepared.nodes if n.name in quantized) / total
+    return {"sensitivity": report, "int8_mac_share": round(share, 4),
+            "excluded": {r["node"]: r["reason"] for r in report if not r["int8"]}}
+
+
+def _why_float(node: ComputeNode, plan: FloatPlan, result: SearchResult | None,
+               shallow: set[str], min_depth: int) -> str:
+    if result is None:
+        return "model kept in FP32"
+    spec = result.spec
+    planned = plan.dynamic if spec.mode == "dynamic" else plan.static
+    if node.name in planned:
+        return planned[node.name]
+    if spec.mode == "dynamic" and (node.op_type not in DYNAMIC_OPS or node.weight is None):
+        return ("dynamic mode quantizes MatMul/Gemm with a constant operand only (ConvInteger "
+                "is 5-9x slower than FP32 Conv; activation x activation products need ranges)")
+    fallen = any(node.name in h.get("fallen_back", ()) for h in result.history)
+    if node.name in spec.exclude and fallen:
+        return "accuracy: moved back to FP32 by the sensitivity search"
+    if node.name in spec.exclude and node.name in shallow:
+        return (f"latency: reduction depth {node.depth} < {min_depth} (Quantize/Dequantize-bound)"
+                "; the candidate without it measured faster")
+    return "not quantized by ONNX Runtime's quantizer (unsupported inputs or position)"
