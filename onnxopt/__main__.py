@@ -4,4 +4,6 @@ import sys
 
 from onnxopt.cli import main
 
-sys.exit(main())
+# Guarded: --isolate's child processes import the main module again (multiprocessing).
+if __name__ == "__main__":
+    sys.exit(main())

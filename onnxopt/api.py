@@ -5,7 +5,7 @@ Thin functions over the modules that do the work, so deployment code needs one i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.feeds import Feeds, check_feeds, load_npz
+from onnxopt.feeds import Feeds
 from onnxopt.model_io import load_model, to_ir
 from onnxopt.pipeline import OptimizationReport, Pipeline
 from onnxopt.recipes import RecipeLike
@@ -49,14 +49,17 @@ def optimize(
     checkpoint_dir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[ir.Model, OptimizationReport]:
     """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
 
-    ``calibration``: representative inputs (an ``.npz`` of stacked samples, or an iterable of
-    feeds); the first batch also serves for verification unless ``verify_feeds`` is given.
+    ``calibration``: representative inputs (an ``.npz`` of stacked samples, a folder of ``.npy``,
+    or an iterable of feeds), read in batches; the first batch also serves for verification
+    unless ``verify_feeds`` is given. ``max_memory`` (bytes) sizes those batches so the weights
+    plus one batch of activations fit (:mod:`onnxopt.memory`).
     """
     ir_model = load(model)
-    batches = _calibration_batches(calibration, ir_model)
+    batches = _calibration_batches(calibration, ir_model, max_memory)
     if verify_feeds is None and batches:
         verify_feeds = [batches[0]]
     context = PassContext(
@@ -68,15 +71,17 @@ def optimize(
 
 
 def _calibration_batches(calibration: Iterable[Feeds] | str | Path | None, model: ir.Model,
-                         batch_size: int = 32) -> list[Feeds] | None:
-    """Calibration data as a list of feed batches (an ``.npz`` holds stacked samples)."""
+                         max_memory: int | None = None) -> Sequence[Feeds] | None:
+    """Calibration data as a sequence of feed batches, streamed from disk rather than loaded
+    whole (reliability: a large calibration set must not need its size in memory)."""
     if calibration is None:
         return None
-    if isinstance(calibration, (str, Path)):
-        arrays = check_feeds(load_npz(calibration), model, calibration)
-        n = len(next(iter(arrays.values())))
-        return [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
-    return [check_feeds(f, model) for f in calibration]
+    from onnxopt.calibration import DEFAULT_BATCH_SIZE, open_calibration
+    from onnxopt.memory import calibration_batch_size
+
+    batch_size = (DEFAULT_BATCH_SIZE if max_memory is None
+                  else calibration_batch_size(model, max_memory, DEFAULT_BATCH_SIZE))
+    return open_calibration(calibration, model, batch_size=batch_size)
 
 
 def benchmark(models: list[ModelLike], **kwargs: Any) -> Any:

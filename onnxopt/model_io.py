@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +18,17 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxopt import safety
 from onnxopt.errors import InputError
+from onnxopt.isolation import deferred_signals, removed_on_forced_exit
+from onnxopt.provenance import SOURCE_PATH_KEY
 
 # Opsets older than this are upgraded on load: per-channel quantization and most fusions need 13+.
 MIN_OPSET = 13
 UPGRADE_TO_OPSET = 17
 # Above this many bytes of tensors, models are written with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+EXTERNAL_DATA_ALIGNMENT = 65536
 
 
 def load_model(path: str | Path, *, upgrade: bool = True) -> ir.Model:
@@ -36,25 +41,49 @@ def load_model(path: str | Path, *, upgrade: bool = True) -> ir.Model:
         raise InputError("no such file", path)
     if path.is_dir():
         raise InputError("is a directory, expected an .onnx file", path)
+    safety.check_model_file(path)  # reliability: a FIFO or /dev/zero would block or never end
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"not a readable ONNX model ({one_line(exc)})", path) from exc
     if not proto.graph.node and not proto.graph.output:
         raise InputError("not an ONNX model (no graph found; truncated or another format?)", path)
-    check_proto(proto, path)
-    model = ir.serde.deserialize_model(proto)
-    if any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    ):
-        model = ir.load(str(path))  # memory-maps external data relative to the file
+    # reliability: hostile external-data locations are refused before any file they name is
+    # opened, and declared types/dims that would crash deeper code are refused here.
+    external = bool(safety.external_locations(proto))
+    if external:
+        safety.check_external_data(proto, path)
+    safety.check_declared_types(proto, path)
+    # Given the path, the checker resolves external data next to the file (given the proto, it
+    # would look in the working directory) and never loads it, so this also works over 2 GB.
+    check_proto(str(path) if external else proto, path)
+    model = _deserialize(proto, path)
+    if external:  # memory-maps external data relative to the file
+        ir.external_data.set_base_dir(model.graph, path.parent)
     if upgrade:
         model = upgrade_opset(model, path)
+        if external:  # the converter's copy lost the folder external data is relative to
+            ir.external_data.set_base_dir(model.graph, path.parent)
+    model.meta[SOURCE_PATH_KEY] = str(path)  # provenance: hashed when a pipeline runs
     return model
 
 
-def check_proto(proto: onnx.ModelProto, path: str | Path | None = None) -> None:
-    """Run the ONNX checker; a failure becomes one line naming the problem."""
+def _deserialize(proto: onnx.ModelProto, path: Path) -> ir.Model:
+    """onnx_ir's form of a checked proto; what the checker lets through and onnx_ir rejects
+    (found by fuzzing) becomes an InputError naming the innermost cause."""
+    try:
+        return ir.serde.deserialize_model(proto)
+    except (ir.serde.SerdeError, ValueError, TypeError, KeyError) as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise InputError(f"not a model onnxopt can read ({type(cause).__name__}: "
+                         f"{one_line(cause)})", path) from exc
+
+
+def check_proto(proto: onnx.ModelProto | str, path: str | Path | None = None) -> None:
+    """Run the ONNX checker (on a proto, or on a file path for external data); a failure becomes
+    one line naming the problem."""
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
@@ -96,6 +125,36 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
 
 
+def has_external_tensors(model: ir.Model) -> bool:
+    """Whether any initializer (subgraphs included) still lives in an external data file."""
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for g in model.graphs() for v in g.initializers.values())
+
+
+def release_mappings(model: ir.Model) -> None:
+    """Unmap the memory maps of external tensors; they are mapped again when next read.
+
+    A 2 GB model read once (hashed, verified, written) keeps every page it touched resident
+    through its maps; dropping them between steps keeps peak memory near one model's size.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):  # a view of the map is still in use
+                    value.const_value.release()
+
+
+def is_big(model: ir.Model) -> bool:
+    """Too big for one protobuf: its tensors stay in (or go to) external data files."""
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """Big, or already backed by external files (which a plain save would reference in place,
+    relative to the wrong folder)."""
+    return is_big(model) or has_external_tensors(model)
+
+
 def save_model(
     model: ir.Model | onnx.ModelProto, path: str | Path, *, protect: str | Path | None = None
 ) -> Path:
@@ -109,16 +168,20 @@ def save_model(
         raise InputError("refusing to overwrite the input model (pass --force to allow it)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = to_ir(model)
-    external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = needs_external_data(model)
     data_name = path.name + ".data"
     with _staging_dir(path.parent) as staging:
         staged = staging / path.name
         if external:
-            ir.save(model, staged, external_data=data_name)
-            os.replace(staging / data_name, path.parent / data_name)
+            # Tensors stream one at a time from their memory maps into the new file; offsets
+            # aligned to 64 KiB let ONNX Runtime memory-map them in turn instead of copying.
+            ir.save(model, staged, external_data=data_name, alignment=EXTERNAL_DATA_ALIGNMENT)
         else:
             ir.save(model, staged)
-        os.replace(staged, path)
+        with deferred_signals():  # reliability: both renames or neither, never a model alone
+            if external:
+                os.replace(staging / data_name, path.parent / data_name)
+            os.replace(staged, path)
     return path
 
 
@@ -147,9 +210,17 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def _staging_dir(parent: Path) -> Iterator[Path]:
-    """A temporary folder beside the destination (same file system, so renames are atomic)."""
-    with tempfile.TemporaryDirectory(prefix=".onnxopt-", dir=parent) as tmp:
-        yield Path(tmp)
+    """A temporary folder beside the destination (same file system, so renames are atomic).
+
+    Its removal holds SIGINT/SIGTERM until done, so an interrupt never leaves it half-deleted.
+    """
+    tmp = tempfile.mkdtemp(prefix=".onnxopt-", dir=parent)
+    try:
+        with removed_on_forced_exit(tmp):
+            yield Path(tmp)
+    finally:
+        with deferred_signals():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

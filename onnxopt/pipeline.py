@@ -9,8 +9,11 @@ the original model is recorded too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import metrics, runner
+from onnxopt import metrics, provenance, runner, safety
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
 from onnxopt.feeds import Feeds, synthesize_feeds
-from onnxopt.model_io import check_proto, one_line, save_model
+from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
+from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, check_proto, has_external_tensors, is_big,
+                              needs_external_data, one_line, release_mappings, save_model)
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
 from onnxopt.stats import ModelStats, model_stats
@@ -54,6 +59,8 @@ class OptimizationReport:
     after: dict[str, Any]
     passes: list[PassRecord]
     needs_onnxruntime: bool = False
+    # versions, recipe, seed, source hash, target ISA: also stamped into the output model
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,7 +79,13 @@ class OptimizationReport:
         for rec in self.passes:
             worst = min((m["cosine"] for m in rec.drift.values()), default=None)
             rows.append(_md_row(rec.name + ("" if rec.modified else " (no change)"), rec.stats, rec.seconds, worst))
-        return f"### Recipe `{self.recipe}`\n\n" + "\n".join(rows) + "\n"
+        text = f"### Recipe `{self.recipe}`\n\n" + "\n".join(rows) + "\n"
+        if self.provenance:  # the same facts are stamped into the output model's metadata
+            p = self.provenance
+            text += (f"\nonnxopt {p.get('version')}, onnxruntime {p.get('onnxruntime_version')}, "
+                     f"seed {p.get('seed')}, target {p.get('target_isa')}, source sha256 "
+                     f"{p.get('source_sha256', '')[:16]}...\n")
+        return text
 
 
 def _md_row(name: str, stats: dict[str, Any], seconds: float, cosine: float | None) -> str:
@@ -112,75 +125,152 @@ class Pipeline:
         then carries ``partial = (model, report)`` so callers can still save that candidate.
         """
         context = context or PassContext()
+        # provenance: hash the source before cloning (the clone does not keep its origin)
+        origin = provenance.record(model, self.name, self.steps, context.seed, context.target)
         model = model.clone()
+        if has_external_tensors(model) and not is_big(model):
+            # Reliability: external data is kept only where protobuf needs it (over the
+            # threshold); below, tensors come into memory so every pass sees ordinary tensors
+            # and the output is one self-contained file. (The clone's values are replaced; the
+            # caller's model still maps its files.)
+            ir.external_data.load_to_model(model)
         if not context.verify_feeds:
+            safety.check_feedable(model)  # reliability: one line, not a numpy allocation error
             context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
-        proto = ir.serde.serialize_model(model)
-        original = _run_all(proto, context.verify_feeds, "the input model")
-        before = model_stats(proto).to_dict()
-        previous = original
-        previous_proto = proto
-        records: list[PassRecord] = []
-        needs_ort = False
-        for index, step in enumerate(self.steps):
-            if progress is not None:
-                progress(index, step.name)
-            opt_pass: OptPass = step.build(context)
-            start = time.perf_counter()
-            gate_error: QualityGateError | None = None
-            try:
-                result = opt_pass(model)
-            except VerificationError:
-                raise
-            except QualityGateError as exc:
-                gate_error = exc
-                result = ir.passes.PassResult(model, True)
-            except OnnxoptError:
-                raise
-            except ir.passes.PassError as exc:
-                raise OnnxoptError(f"pass '{step.name}' failed: {exc}") from exc
-            seconds = time.perf_counter() - start
-            model = result.model
-            needs_ort = needs_ort or (result.modified and opt_pass.needs_onnxruntime)
-            proto = ir.serde.serialize_model(model)
-            fidelity: dict[str, dict[str, float]] = {}
-            drift: dict[str, dict[str, float]] = {}
-            if result.modified and self.verify:
-                _check_written(proto, step.name)
-                outputs = _run_all(proto, context.verify_feeds, f"the model after pass '{step.name}'")
-                fidelity = _verify(step.name, opt_pass.budget(), previous, outputs,
-                                   previous_proto, proto, context.verify_feeds)
-                drift = _compare_all(original, outputs)
-                previous, previous_proto = outputs, proto
-            if self.checkpoint_dir is not None:
-                save_model(proto, self.checkpoint_dir / f"{index + 1:02d}-{step.name}.onnx")
-            records.append(PassRecord(
-                name=step.name, options=step.options, modified=result.modified, seconds=seconds,
-                stats=model_stats(proto).to_dict(), budget=opt_pass.budget().describe(),
-                fidelity=fidelity, drift=drift, notes=opt_pass.notes,
-            ))
-            if gate_error is not None:
-                gate_error.partial = (model, OptimizationReport(  # type: ignore[attr-defined]
-                    self.name, before, records[-1].stats, records, needs_ort))
-                raise gate_error
+        with _Freezer() as freezer:
+            frozen = freezer.freeze(model)
+            original = _run_all(frozen, context.verify_feeds, "the input model")
+            before = model_stats(model).to_dict()
+            previous, previous_frozen = original, frozen
+            records: list[PassRecord] = []
+            needs_ort = False
+            for index, step in enumerate(self.steps):
+                if progress is not None:
+                    progress(index, step.name)
+                opt_pass: OptPass = step.build(context)
+                start = time.perf_counter()
+                gate_error: QualityGateError | None = None
+                try:
+                    result = opt_pass(model)
+                except VerificationError:
+                    raise
+                except QualityGateError as exc:
+                    gate_error = exc
+                    result = ir.passes.PassResult(model, True)
+                except OnnxoptError:
+                    raise
+                except ir.passes.PassError as exc:
+                    raise OnnxoptError(f"pass '{step.name}' failed: {exc}") from exc
+                except Exception as exc:  # reliability: see _unexpected
+                    raise _unexpected(step.name, exc) from exc
+                seconds = time.perf_counter() - start
+                model = result.model
+                release_mappings(model)  # big models: pages the pass read stop counting
+                needs_ort = needs_ort or (result.modified and opt_pass.needs_onnxruntime)
+                fidelity: dict[str, dict[str, float]] = {}
+                drift: dict[str, dict[str, float]] = {}
+                if result.modified and self.verify:
+                    frozen = freezer.freeze(model)
+                    _check_written(frozen, step.name)
+                    outputs = _run_all(frozen, context.verify_feeds,
+                                       f"the model after pass '{step.name}'")
+                    fidelity = _verify(step.name, opt_pass.budget(), previous, outputs,
+                                       previous_frozen, frozen, context.verify_feeds)
+                    drift = _compare_all(original, outputs)
+                    freezer.release(previous_frozen)
+                    previous, previous_frozen = outputs, frozen
+                if self.checkpoint_dir is not None:
+                    save_model(model, self.checkpoint_dir / f"{index + 1:02d}-{step.name}.onnx")
+                records.append(PassRecord(
+                    name=step.name, options=step.options, modified=result.modified,
+                    seconds=seconds, stats=model_stats(model).to_dict(),
+                    budget=opt_pass.budget().describe(), fidelity=fidelity, drift=drift,
+                    notes=opt_pass.notes,
+                ))
+                if gate_error is not None:
+                    provenance.stamp(model, origin)
+                    gate_error.partial = (model, OptimizationReport(  # type: ignore[attr-defined]
+                        self.name, before, records[-1].stats, records, needs_ort, origin))
+                    raise gate_error
         after = records[-1].stats if records else before
-        return model, OptimizationReport(self.name, before, after, records, needs_ort)
+        provenance.stamp(model, origin)
+        return model, OptimizationReport(self.name, before, after, records, needs_ort, origin)
 
 
-def _check_written(proto: onnx.ModelProto, pass_name: str) -> None:
+def _unexpected(pass_name: str, exc: Exception) -> InputError:
+    """A pass that fails with an unexpected exception met a model it does not handle (fuzzing
+    finds these: malformed or unusual graphs that pass the checker). The user gets one line with
+    the pass and the cause; ``--debug`` shows the traceback for a bug report."""
+    return InputError(f"pass '{pass_name}' cannot handle this model ({type(exc).__name__}: "
+                      f"{one_line(exc)}); rerun with --debug for the traceback")
+
+
+Frozen = bytes | str  # serialized model, or the path of a temporary file with external data
+
+
+class _Freezer:
+    """Models in the form ONNX Runtime and the checker take.
+
+    Bytes while a model fits in one protobuf; otherwise (over ``EXTERNAL_DATA_THRESHOLD``, or
+    tensors still in external files) a file with external data in a private temporary folder:
+    protobuf cannot serialize 2 GB, and a model read from external data would otherwise be
+    resolved against the working directory. Removed on exit.
+    """
+
+    def __init__(self) -> None:
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._count = 0
+
+    def __enter__(self) -> _Freezer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._folder is not None:
+            with deferred_signals():
+                self._folder.cleanup()
+
+    def freeze(self, model: ir.Model) -> Frozen:
+        if not needs_external_data(model):
+            return ir.serde.serialize_model(model).SerializeToString()
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")
+        self._count += 1
+        path = Path(self._folder.name) / f"step{self._count}.onnx"
+        ir.save(model, path, external_data=path.name + ".data",
+                alignment=EXTERNAL_DATA_ALIGNMENT)
+        release_mappings(model)  # every page was read for the copy; ORT maps the copy next
+        return str(path)
+
+    def release(self, frozen: Frozen) -> None:
+        """Delete a frozen file no longer needed (a 2 GB model per step adds up)."""
+        if isinstance(frozen, str):
+            for name in (frozen, frozen + ".data", frozen + ".probe.onnx"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+
+
+def _check_written(frozen: Frozen, pass_name: str) -> None:
     try:
-        check_proto(proto)
+        check_proto(onnx.load_from_string(frozen) if isinstance(frozen, bytes) else frozen)
     except InputError as exc:
         raise OnnxoptError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
 
 
-def _run_all(proto: onnx.ModelProto, feeds: list[Feeds], what: str) -> list[dict[str, np.ndarray]]:
+def _run_all(frozen: Frozen, feeds: list[Feeds], what: str) -> list[dict[str, np.ndarray]]:
     """Reference outputs for every feed batch."""
     try:
-        session = runner.reference_session(proto.SerializeToString())
-        return [runner.run(session, f) for f in feeds]
+        session = runner.reference_session(frozen)
+        return [_bounded(session, f) for f in feeds]
+    except RunTimeLimit as exc:
+        raise InputError(f"{what}: {exc}") from exc
     except Exception as exc:  # ORT raises its own exception types for load and run failures
         raise InputError(f"{what} does not run in ONNX Runtime: {one_line(exc)}") from exc
+
+
+def _bounded(session: Any, feeds: Feeds) -> dict[str, np.ndarray]:
+    """``runner.run`` with a time limit (reliability: an endless Loop is an error, not a hang)."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, bounded_run(session, dict(feeds), outputs=names)))
 
 
 def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
@@ -199,7 +289,7 @@ def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarra
 
 
 def _verify(pass_name: str, budget: metrics.Budget, ref: list[dict[str, np.ndarray]],
-            out: list[dict[str, np.ndarray]], before: onnx.ModelProto, after: onnx.ModelProto,
+            out: list[dict[str, np.ndarray]], before: Frozen, after: Frozen,
             feeds: list[Feeds]) -> dict[str, dict[str, float]]:
     """Raise :class:`VerificationError` naming the pass, the output and the culprit node."""
     for r_batch, o_batch in zip(ref, out):
@@ -213,31 +303,46 @@ def _verify(pass_name: str, budget: metrics.Budget, ref: list[dict[str, np.ndarr
     return _compare_all(ref, out)
 
 
-def _first_diverging_node(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Feeds,
+def _first_diverging_node(before_frozen: Frozen, after_frozen: Frozen, feeds: Feeds,
                           budget: metrics.Budget) -> str | None:
     """The earliest node of the rewritten graph whose output breaches the budget.
 
     Only tensors that keep their name across the pass can be compared; the first one (in the
     rewritten graph's topological order) that breaches points at the rewrite that went wrong.
     """
+    before, after = _graph_of(before_frozen), _graph_of(after_frozen)
     produced_before = {o for node in before.graph.node for o in node.output}
     candidates = [(node, o) for node in after.graph.node for o in node.output if o in produced_before]
     names = [o for _, o in candidates]
     if not names:
         return None
-    ref, out = (_run_with_outputs(m, names, feeds) for m in (before, after))
+    ref, out = (_run_with_outputs(m, f, names, feeds)
+                for m, f in ((before, before_frozen), (after, after_frozen)))
     for node, name in candidates:
         if budget.check(ref[name], out[name]):
             return f"{node.name or '?'} ({node.op_type}) -> '{name}'"
     return None
 
 
-def _run_with_outputs(proto: onnx.ModelProto, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
+def _graph_of(frozen: Frozen) -> onnx.ModelProto:
+    """The protobuf of a frozen model (without external data: graph structure only)."""
+    if isinstance(frozen, bytes):
+        return onnx.load_from_string(frozen)
+    return onnx.load(frozen, load_external_data=False)
+
+
+def _run_with_outputs(proto: onnx.ModelProto, frozen: Frozen, names: list[str],
+                      feeds: Feeds) -> dict[str, np.ndarray]:
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    return runner.run(runner.reference_session(probe.SerializeToString()), feeds)
+    if isinstance(frozen, bytes):
+        source: Frozen = probe.SerializeToString()
+    else:  # next to the frozen file, so its external data resolves
+        source = frozen + ".probe.onnx"
+        onnx.save(probe, source)
+    return _bounded(runner.reference_session(source), feeds)
 
 
 def jsonable(obj: Any) -> Any:
