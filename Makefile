@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) demo-report build *.egg-info

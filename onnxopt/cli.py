@@ -1,4 +1,5 @@
-"""The ``onnxopt`` command line: export, inspect, optimize, bench, list-passes, demo.
+"""The ``onnxopt`` command line: export, inspect, optimize, bench, tune, split, report,
+list-passes, demo.
 
 Exit codes: 0 success, 1 a quality gate not met (verification, accuracy budget, regression),
 2 bad input. Errors are one line naming the file and the problem; ``--debug`` (anywhere on the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +36,9 @@ out = Console()
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks (accepted anywhere)."),
+    isolate: bool = typer.Option(
+        False, "--isolate", help="Run the command in a child process, so a native crash on a "
+        "hostile model is a one-line error with exit 2 (accepted anywhere)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does."),
 ) -> None:
     logging.basicConfig(
@@ -43,7 +48,7 @@ def _root(
 
 def _progress() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    TimeElapsedColumn(),
                     console=console, transient=True, disable=not console.is_terminal)
 
 
@@ -126,12 +131,17 @@ def optimize(
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="Save the model after each pass here."),
     seed: int = typer.Option(0, help="Seed for synthesized inputs and any randomness."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input model."),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory", help="Memory budget for calibration (e.g. 4G): batches are sized "
+        "so the weights plus one batch of activations fit."),
 ) -> None:
     """Run a recipe of passes; each pass is verified against ONNX Runtime."""
     from onnxopt.api import load, optimize as run_optimize
     from onnxopt.feeds import check_feeds, load_npz
+    from onnxopt.memory import parse_size
     from onnxopt.model_io import save_model
 
+    budget = parse_size(max_memory) if max_memory is not None else None
     source = load(model)
     overrides = _parse_settings(settings)
     if max_drop is not None:
@@ -150,7 +160,8 @@ def optimize(
         try:
             result, rep = run_optimize(
                 source, recipe, calibration=calib, evaluation=evaluation, seed=seed, target=target,
-                checkpoint_dir=checkpoints, overrides=overrides, progress=on_step)
+                checkpoint_dir=checkpoints, overrides=overrides, progress=on_step,
+                max_memory=budget)
         except QualityGateError as exc:
             partial = getattr(exc, "partial", None)
             if partial is not None:  # the best candidate is saved even when the budget is missed
@@ -179,31 +190,197 @@ def _write_report(folder: Path, rep: Any) -> None:
 @app.command()
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX files; speed-ups are against the first."),
-    threads: str = typer.Option("1,2", "--threads", help="Comma-separated intra-op thread counts."),
+    threads: Optional[str] = typer.Option(
+        None, "--threads", help="Comma-separated intra-op thread counts (default 1,2, or the "
+        "--session-config's; on a --target, ORT's default)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
     shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    baseline: Optional[Path] = typer.Option(
+        None, "--baseline", help="A stored bench --json: exit 1 when a speed-up regressed."),
+    max_regression: str = typer.Option(
+        "10%", "--max-regression", help="Allowed drop of each speed-up (10% or 0.1)."),
+    target: str = typer.Option(
+        "local", "--target", help="local | ssh://user@host[:port] | qemu-aarch64[:cpu] (emulated: "
+        "checks loading and outputs, timings are not ARM performance)."),
+    bootstrap: bool = typer.Option(
+        False, "--bootstrap", help="ssh target: make a venv there with this onnxruntime version."),
+    ssh_option: Optional[list[str]] = typer.Option(
+        None, "--ssh-option", help="ssh -o option for the target, e.g. IdentityFile=~/.ssh/board."),
+    remote_python: Optional[str] = typer.Option(
+        None, "--remote-python", help="ssh target: the Python to run (default: the --bootstrap "
+        "venv if there is one, else python3)."),
+    session_config: Optional[Path] = typer.Option(
+        None, "--session-config", help="Session configuration JSON (onnxopt tune -o)."),
 ) -> None:
-    """Latency percentiles, memory and speed-ups, measured interleaved in one process."""
-    from onnxopt.api import load
+    """Latency percentiles, memory and speed-ups, measured interleaved in one process (with
+    --target: on a board over ssh, or emulated aarch64, one runner process per row)."""
     from onnxopt.benchmark import benchmark as run_benchmark
-    from onnxopt.feeds import load_feeds, parse_shape_overrides
+    from onnxopt.benchmark import compare_to_baseline
+    from onnxopt.feeds import parse_shape_overrides
     from onnxopt.model_io import write_bytes_atomic
+    from onnxopt.targets import benchmark_on_target, parse_target
 
-    loaded = [load(m) for m in models]
-    feeds = load_feeds(inputs, loaded[0]) if inputs is not None else None
+    # Read the baseline first: a bad --baseline fails before minutes of measuring.
+    old = _read_json(baseline) if baseline is not None else None
+    allowed = _parse_fraction(max_regression, "--max-regression")
+    _check_benchmarkable(models, inputs, parse_shape_overrides(shape))
+    where = parse_target(target, ssh_options=ssh_option or (), bootstrap=bootstrap,
+                         python=remote_python)
+    # a target gets the document's settings as runner flags; local bench reads the file itself
+    config = _read_json(session_config) if session_config is not None and where.kind != "local" \
+        else None
+    # Paths, not loaded models: bench measures the files exactly as stored (no opset upgrade).
     with _progress() as bar:
-        task = bar.add_task("benchmarking", total=None)
+        task = bar.add_task("benchmarking", total=1.0)
 
-        def on_progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def on_progress(fraction: float, text: str) -> None:
+            bar.update(task, completed=fraction, description=text)
 
-        result = run_benchmark(
-            loaded, threads=_parse_threads(threads), feeds=feeds,
-            shapes=parse_shape_overrides(shape), names=[str(m) for m in models], progress=on_progress)
+        if where.kind == "local":
+            result: Any = run_benchmark(
+                models, threads=_parse_threads(threads) if threads else None, feeds=inputs,
+                shapes=parse_shape_overrides(shape), names=[str(m) for m in models],
+                session_config=session_config, progress=on_progress)
+        else:  # one runner process per model and thread count on the target
+            result = benchmark_on_target(
+                where, models, threads=_parse_threads(threads) if threads else None, feeds=inputs,
+                shapes=parse_shape_overrides(shape), session_config=config, progress=on_progress)
+            for note in result.notes:
+                console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
     out.print(result.to_markdown())
     if json_path is not None:
         write_bytes_atomic(json.dumps(result.to_dict(), indent=2).encode(), json_path)
+    if old is not None:  # the regression gate compares speed-up ratios, never absolute times
+        problems = compare_to_baseline(result.to_dict(), old, allowed)
+        for problem in problems:
+            console.print(f"regression: {problem}", markup=False, highlight=False, soft_wrap=True)
+        if problems:
+            raise QualityGateError(
+                f"{len(problems)} speed-up(s) regressed by more than {allowed:.0%}", baseline)
+        console.print(f"no speed-up regressed by more than {allowed:.0%} against {baseline}")
+
+
+def _check_benchmarkable(models: list[Path], inputs: Optional[Path],
+                         shapes: dict[str, Any]) -> None:
+    """Reliability: refuse in one line what would otherwise crash or hang the benchmark: inputs
+    that cannot be synthesized, and a model that does not finish one inference within the time
+    limit (an endless Loop). Load and run errors are left to the benchmark's own messages."""
+    from onnxopt import runner
+    from onnxopt.feeds import load_npz
+    from onnxopt.isolation import RunTimeLimit, bounded_run
+    from onnxopt.model_io import load_model
+    from onnxopt.safety import check_feedable
+
+    for i, path in enumerate(models):
+        model = load_model(path, upgrade=False)  # hostile files are refused here
+        if inputs is None and i == 0:
+            check_feedable(model, shapes, batch=1, path=path)
+        try:
+            session = runner.create_session(str(path), threads=1, opt_level="disabled")
+            feeds = (load_npz(inputs) if inputs is not None
+                     else runner.synthesize_inputs(session, shapes=shapes))
+            bounded_run(session, feeds)
+        except RunTimeLimit as exc:
+            raise InputError(f"{exc}; not benchmarking it", path) from exc
+        except (*runner.ORT_ERRORS, runner.RunnerError, ValueError):
+            pass  # the benchmark reports these in its own words
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError("no such file", path) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a JSON file ({exc})", path) from exc
+
+
+def _parse_fraction(text: str, option: str) -> float:
+    """'10%' or '0.1' -> 0.1; anything outside [0, 1) is an error."""
+    try:
+        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise InputError(
+            f"bad {option} '{text}': expected a percentage like 10% or a fraction like 0.1")
+    return value
+
+
+@app.command()
+def tune(
+    model: Path = typer.Argument(..., help="An ONNX file."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Write the session configuration JSON here."),
+    objective: str = typer.Option("latency", "--objective", help="latency or memory."),
+    threads: Optional[str] = typer.Option(
+        None, "--threads", help="Intra-op thread counts to try (default 1,2,4.. up to the cores)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    time_budget: float = typer.Option(1.0, "--time-budget", help="Seconds of rounds per stage."),
+) -> None:
+    """Find the ORT session settings (threads, execution mode, spinning, memory arena and
+    pattern) that run a model fastest (or smallest) here; write them as JSON for bench/runner."""
+    from onnxopt.feeds import parse_shape_overrides
+    from onnxopt.model_io import write_bytes_atomic
+    from onnxopt.tune import tune as run_tune
+
+    if objective not in ("latency", "memory"):
+        raise InputError(f"bad --objective '{objective}': expected latency or memory")
+    with _progress() as bar:
+        task = bar.add_task("tuning", total=1.0)
+
+        def on_progress(fraction: float, text: str) -> None:
+            bar.update(task, completed=fraction, description=text)
+
+        result = run_tune(model, objective=objective,  # type: ignore[arg-type]
+                          threads=_parse_threads(threads) if threads else None, feeds=inputs,
+                          shapes=parse_shape_overrides(shape), time_budget_s=time_budget,
+                          progress=on_progress)
+    out.print(result.to_markdown())
+    if output is not None:
+        write_bytes_atomic(json.dumps(result.document(), indent=2).encode(), output)
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def split(
+    model: Path = typer.Argument(..., help="An ONNX file (never modified)."),
+    parts: int = typer.Option(..., "--parts", help="Number of sub-models."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for stages and cascade.json."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory comparison."),
+) -> None:
+    """Split a model into a cascade of sub-models loaded one at a time (less peak memory);
+    outputs are verified identical to the whole model's."""
+    from onnxopt.feeds import parse_shape_overrides
+    from onnxopt.split import split_model
+
+    with _progress() as bar:
+        task = bar.add_task("splitting", total=1.0)
+
+        def on_progress(fraction: float, text: str) -> None:
+            bar.update(task, completed=fraction, description=text)
+
+        result = split_model(model, parts, output, feeds=inputs,
+                             shapes=parse_shape_overrides(shape), measure_memory=not no_memory,
+                             progress=on_progress)
+    out.print(result.to_markdown())
+    console.print(f"wrote {result.manifest} (run it: python runner.py {result.manifest})")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(
+        ..., help="benchmarks/suite.py's results.json (or a report.json, or bench --json)."),
+    output: Path = typer.Option(..., "-o", "--output", help="report.html or report.md."),
+) -> None:
+    """Render benchmark results as a self-contained HTML page or as Markdown."""
+    from onnxopt.report import load_results, write_report
+
+    console.print(f"wrote {write_report(load_results(results), output)}")
 
 
 @app.command("list-passes")
@@ -242,12 +419,29 @@ def demo(out_dir: Path = typer.Option(Path("demo-report"), "--out", help="Folder
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning onnxopt's errors into one line and an exit code."""
+    """Entry point: run the app, turning onnxopt's errors into one line and an exit code.
+
+    Reliability: SIGINT and SIGTERM stop the command through its cleanup (exit 128 + signal): no
+    partial output, and every temporary file of the run lives in one private folder removed at
+    the end. ``--isolate`` (accepted anywhere) runs the command in a child process, so a native
+    crash on a hostile model (ONNX Runtime, onnx) becomes a one-line error with exit code 2.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    args = [a for a in args if a != "--debug"]
+    isolate = "--isolate" in args
+    args = [a for a in args if a not in ("--debug", "--isolate")]
+    from onnxopt.isolation import interrupts_as_exceptions, private_tempdir
+
     try:
-        app(args=args, prog_name="onnxopt", standalone_mode=False)
+        with interrupts_as_exceptions() as received, private_tempdir():
+            return _run_isolated(args, debug) if isolate else _run(args, debug, received)
+    except KeyboardInterrupt as exc:  # a signal outside the command (before it, or isolated)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _run(args: list[str], debug: bool, received: list[int]) -> int:
+    try:
+        code = app(args=args, prog_name="onnxopt", standalone_mode=False)
     except OnnxoptError as exc:
         if debug:
             traceback.print_exc()
@@ -255,15 +449,46 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        console.print("interrupted")
-        return 130
+    except (typer.Abort, KeyboardInterrupt):
+        return _interrupted(received)
     except typer.TyperException as exc:  # usage errors: missing or bad options
         show = getattr(exc, "show", None)
         if show is not None:
             show()
         return getattr(exc, "exit_code", 2) or 2
-    return 0
+    if received:  # typer turns a KeyboardInterrupt into a returned exit code 130
+        return _interrupted(received)
+    return code if isinstance(code, int) else 0
+
+
+def _interrupted(received: list[int]) -> int:
+    signum = received[0] if received else signal.SIGINT
+    console.print(f"error: interrupted by {signal.Signals(signum).name}; "
+                  "unfinished outputs and temporary files were removed",
+                  markup=False, highlight=False, soft_wrap=True)
+    return 128 + signum
+
+
+def _run_in_child(args: list[str], debug: bool) -> int:
+    """The command inside ``--isolate``'s child process (with its own signal handling)."""
+    from onnxopt.isolation import interrupts_as_exceptions
+
+    with interrupts_as_exceptions() as received:
+        return _run(args, debug, received)
+
+
+def _run_isolated(args: list[str], debug: bool) -> int:
+    from onnxopt.isolation import run_in_child
+
+    outcome = run_in_child(_run_in_child, args, debug)
+    if outcome.signal_name is not None:
+        console.print(f"error: the command crashed in native code ({outcome.signal_name}), "
+                      "most likely on a malformed model; nothing was written",
+                      markup=False, highlight=False, soft_wrap=True)
+        return 2
+    if outcome.value is None:  # a bug: the child printed its traceback
+        return outcome.exitcode or 1
+    return int(outcome.value)
 
 
 if __name__ == "__main__":  # pragma: no cover
