@@ -40,6 +40,8 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/models.py
 
+import models  # noqa: E402
+
 import onnxopt  # noqa: E402
 from onnxopt.benchmark import benchmark  # noqa: E402
 from onnxopt.errors import QualityGateError  # noqa: E402
@@ -49,17 +51,11 @@ Arrays = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
-class Case:
-    """A model with calibration, tuning (the pass's evaluation) and held-out evaluation data."""
+class Case(models.Built):
+    """A suite model and its data, with the accuracy budget and timing this benchmark gives it."""
 
-    model: ir.Model
-    calibration: Arrays
-    tuning: Arrays
-    tuning_labels: np.ndarray | None
-    evaluation: Arrays
-    labels: np.ndarray | None
-    max_drop: float  # top-1 points with labels, cosine units without
-    time_budget_s: float  # interleaved timing per thread count
+    max_drop: float = 0.01  # top-1 points with labels, cosine units without
+    time_budget_s: float = 4.0  # interleaved timing per thread count
     reference: Arrays | None = None  # the source framework's outputs on ``evaluation``
     recipes: tuple[tuple[str, list[str]], ...] = (("onnxopt-int8", ["int8"]),)
 
@@ -89,14 +85,10 @@ def torch_mlp() -> Case:
 
 
 def keras_mlp() -> Case:
-    import models
-
     return _digits_case(models.build_keras_mlp(0, False).model, flat=True, budget_s=4.0)
 
 
 def digits_cnn() -> Case:
-    import models
-
     return _digits_case(models.build_digits_cnn(0, False).model, flat=False, budget_s=4.0)
 
 
