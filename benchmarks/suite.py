@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/suite.py            # everything (make bench); rewrites RESULTS.md
     .venv/bin/python benchmarks/suite.py --quick    # a few small models, CI smoke (< 3 min)
     .venv/bin/python benchmarks/suite.py --models 'light-*' --recipes int8 --out /tmp/run
+    .venv/bin/python benchmarks/suite.py --update --models keras-vgg16   # re-run one model
 
 For each model (built by ``benchmarks/models.py``) the candidates are: the FP32 export (the
 reference), ORT ``quantize_dynamic`` and ``quantize_static`` with defaults, and every built-in
@@ -82,6 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-models", action="store_true", help="keep OUT/work/ (model files)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list the models and recipes, then exit")
+    p.add_argument("--update", action="store_true",
+                   help="re-run the selected models into OUT/results.json, replacing their "
+                        "records and keeping the others (RESULTS.md too if that run was full)")
     p.add_argument("--render-only", action="store_true",
                    help="re-render OUT/results.json (reports; RESULTS.md with --results-md yes)")
     return p.parse_args(argv)
@@ -114,18 +118,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _log_to(args.out / "suite.log")
     full = not (args.quick or args.models or args.recipes)
-    doc = new_document(argv, args, threads, recipes, aliases)
+    if args.update:
+        try:
+            doc = _updated_document(args.out / "results.json", argv, specs)
+        except InputError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
+        full = bool(doc["settings"].get("full"))
+    else:
+        doc = new_document(argv, args, threads, recipes, aliases)
+        doc["settings"]["full"] = full
     start = time.perf_counter()
     for spec in specs:
         log.info("model %s", spec.name)
-        doc["models"].append(run_model(spec, recipes, args, threads))
-        doc["models"][-1]["load_average"] = _load_average()  # how busy the machine was
-        doc["duration_s"] = time.perf_counter() - start
+        record = run_model(spec, recipes, args, threads)
+        record["load_average"] = _load_average()  # how busy the machine was
+        _put_model(doc, record)
+        if not args.update:
+            doc["duration_s"] = time.perf_counter() - start
         _write_json(doc, args.out / "results.json")  # progress survives an interrupted run
     write_outputs(doc, args.out, results_md=args.results_md == "yes" or
                   (args.results_md == "auto" and full))
     log.info("done in %.1f min: %s", (time.perf_counter() - start) / 60, args.out)
     return 0
+
+
+def _updated_document(path: Path, argv: list[str],
+                      specs: list[models.ModelSpec]) -> dict[str, Any]:
+    """The earlier run's document, with this re-run recorded in its ``updates`` (a model fixed
+    after a long full run is measured again without repeating the others)."""
+    doc = report.load_results(path)
+    python, script = _as_typed(sys.executable), _as_typed(__file__)
+    doc.setdefault("updates", []).append({
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([python, script, *argv]),
+        "models": [s.name for s in specs],
+    })
+    return doc
+
+
+def _put_model(doc: dict[str, Any], record: dict[str, Any]) -> None:
+    """Replace the model's earlier record in place, or append it."""
+    names = [m["name"] for m in doc["models"]]
+    if record["name"] in names:
+        doc["models"][names.index(record["name"])] = record
+    else:
+        doc["models"].append(record)
 
 
 def _split(text: str) -> list[str]:

@@ -49,6 +49,26 @@ def test_suite_runs_one_tiny_model_end_to_end(tmp_path: Path) -> None:
     # A filtered run leaves RESULTS.md alone.
     assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == results_md
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+    _check_update_replaces_one_model(tmp_path / "results.json")
+
+
+def _check_update_replaces_one_model(results: Path) -> None:
+    """``--update`` keeps the run's other models, replaces the re-run one, and says so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import models
+        import suite
+    finally:
+        sys.path.pop(0)
+    from onnxopt.report import render_results_section
+
+    (spec,) = models.select(["sigmoid-3-4-2"], quick=True)
+    doc = suite._updated_document(results, ["--update", "--models", "sigmoid-3-4-2"], [spec])
+    doc["models"].append({**doc["models"][0], "name": "other"})
+    suite._put_model(doc, {**doc["models"][0], "status": "failed", "error": "re-run"})
+    assert [(m["name"], m["status"]) for m in doc["models"]] == [("sigmoid-3-4-2", "failed"),
+                                                                  ("other", "ok")]
+    assert "Re-measured sigmoid-3-4-2 with `" in render_results_section(doc)
 
 
 def _run_child():  # noqa: ANN202 - the suite's helper, imported from benchmarks/

@@ -47,6 +47,9 @@ def _provenance(doc: Mapping[str, Any]) -> list[str]:
     if doc.get("created"):
         duration = doc.get("duration_s")
         lines[0] += f" (run {doc['created']}" + (f", {duration / 60:.1f} min)" if duration else ")")
+    for update in doc.get("updates", []):  # models measured again after the run
+        lines.append(f"Re-measured {', '.join(update['models'])} with `{update['command']}` "
+                     f"(run {update['created']}).")
     lines.append("")
     lines += [f"- {line}" for line in tables.machine_lines(doc)]
     lines += ["", "Speed-ups are p50(FP32) / p50(candidate) measured interleaved in one process at "

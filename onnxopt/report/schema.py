@@ -13,7 +13,8 @@ Schema (``schema_version`` 1)::
       "duration_s": 1234.5,
       "machine": {...},                            # onnxopt.runner.machine_info()
       "versions": {"onnx": "1.17.0", ...},         # every library that shapes the figures
-      "settings": {"threads": [1, 2], "quick": false, ...},
+      "settings": {"threads": [1, 2], "quick": false, "full": true, ...},
+      "updates": [{"created", "command", "models": [...]}],   # optional: models re-run later
       "recipes": {"int8": ["fuse", "quantize"], ...},   # step names of every recipe run
       "models": [
         {
