@@ -153,3 +153,42 @@ def test_tf_function_without_signature_needs_examples() -> None:
     model = export(double, np.ones((2, 3), np.float32))
     assert model.graph.inputs[0].shape[0] == ir.SymbolicDim("batch")
     assert ExportCheck.from_model(model).batch_sizes == (2, 1)
+
+
+def test_large_keras_weights_route_matches_plain_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The route for large models (weights fed to tf2onnx as inputs, attached afterwards).
+
+    Forced on a small CNN by lowering its thresholds: every variable, BatchNorm statistics
+    included, goes through it, so a mixed-up variable order would change the outputs.
+    """
+    from onnxopt.export import _tensorflow
+
+    keras.utils.set_random_seed(2)
+    cnn = keras.Sequential([
+        keras.Input((12, 12, 3)),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4),
+    ])
+    bn = cnn.layers[1]  # non-default statistics, so a swap with gamma/beta would show
+    bn.moving_mean.assign(np.linspace(-1, 1, 8).astype(np.float32))
+    bn.moving_variance.assign(np.linspace(0.5, 2, 8).astype(np.float32))
+    plain = export(cnn)
+    monkeypatch.setattr(_tensorflow, "LARGE_WEIGHTS_BYTES", 0)
+    monkeypatch.setattr(_tensorflow, "WEIGHT_INPUT_MIN_BYTES", 0)
+    fed = export(cnn)
+
+    assert [v.name for v in fed.graph.inputs] == ["input"]
+    assert ExportCheck.from_model(fed).status == "passed"
+    dense = cnn.layers[-1]  # used as is, so it keeps its variables' names
+    assert {dense.kernel.path, dense.bias.path} <= set(fed.graph.initializers)
+    for op in ("Conv", "MatMul", "Transpose"):
+        assert sum(n.op_type == op for n in fed.graph) == sum(n.op_type == op for n in plain.graph)
+    conv = next(node for node in fed.graph if node.op_type == "Conv")
+    assert conv.inputs[1].const_value is not None  # the kernel's layout Transpose was folded
+    assert tuple(conv.inputs[1].shape) == (8, 3, 3, 3)
+    x = np.random.default_rng(3).standard_normal((3, 12, 12, 3)).astype(np.float32)
+    want = _ort(plain, {"input": x})["output"]
+    np.testing.assert_allclose(_ort(fed, {"input": x})["output"], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(want, np.asarray(cnn(x, training=False)), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,13 @@ Every source (Keras model, ``.keras`` file, SavedModel, ``tf.function``) is firs
 ``tf.function`` with a flat input signature and a flat list of outputs, then converted with
 ``tf2onnx.convert.from_function``: ``from_keras`` does not work with Keras 3. The same
 ``tf.function`` is the reference the export is verified against, so both run the same graph.
+
+Keras models with large weights (VGG16: 553 MB) take another route, because tf2onnx holds every
+frozen weight in the NodeProto of a Const node and rewrites that proto after each graph optimizer:
+upb's arena-backed protobuf never frees the replaced copy, so each optimizer run adds one copy of
+the weights (VGG16 was killed past 19 GB). So the big tensors are fed to tf2onnx as graph inputs
+(``Model.stateless_call``), the ONNX graph gets them back as initializers, and onnxscript's
+constant folding applies the layout Transposes tf2onnx put on them (see ``_attach_weights``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from onnxopt.errors import InputError
 from onnxopt.export._exported import Exported
@@ -23,6 +31,14 @@ from onnxopt.export._frameworks import require
 TF2ONNX = "tf2onnx"
 # Names Keras makes up for unnamed inputs; they say nothing, so the graph gets input/input_N.
 _KERAS_AUTO_NAMES = ("keras_tensor", "input_layer")
+# Above this many bytes of Keras weights, big tensors become graph inputs during the conversion.
+# Smaller models keep the plain route: with every weight constant, tf2onnx folds BatchNorm scales
+# into convolutions, which a Conv whose kernel is an input misses.
+LARGE_WEIGHTS_BYTES = 128 * 2**20
+# In the large route, tensors from this size on are inputs; the small ones (biases, BatchNorm
+# statistics) stay constants so tf2onnx can still fold them and move its layout Transposes.
+WEIGHT_INPUT_MIN_BYTES = 2**20
+_WEIGHT_PREFIX = "onnxopt_weight_"
 
 
 def load_keras_file(path: Path) -> Any:
@@ -77,7 +93,68 @@ def export_keras(model: Any, example_inputs: Any, *, dynamic_batch: bool, opset:
         batch,
         examples,
         input_names=names if names and len(meaningful) == len(names) else None,
+        convertible=_weights_as_inputs(model, specs),
     )
+
+
+def _weights_as_inputs(model: Any, specs: list) -> tuple[Any, list, dict[str, Any]] | None:
+    """For a Keras model with large weights: a tf.function taking its big tensors as inputs.
+
+    Returns the function, its full input signature and the Keras variable behind each extra input
+    (by input name), or None when the model is small or cannot be called statelessly (tf_keras).
+    """
+    tf = require("tensorflow", "exporting a Keras model")
+    variables = [*model.trainable_variables, *model.non_trainable_variables]
+    sizes = [int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in variables]
+    if sum(sizes) <= LARGE_WEIGHTS_BYTES or not hasattr(model, "stateless_call"):
+        return None
+    fed = [i for i, size in enumerate(sizes) if size >= WEIGHT_INPUT_MIN_BYTES]
+    weight_specs = [
+        tf.TensorSpec(variables[i].shape, variables[i].dtype, name=f"{_WEIGHT_PREFIX}{i}")
+        for i in fed
+    ]
+    n_inputs, n_trainable, single = len(specs), len(model.trainable_variables), len(specs) == 1
+
+    def call(*args: Any) -> list:
+        xs, given = args[:n_inputs], dict(zip(fed, args[n_inputs:]))
+        values = [given[i] if i in given else v.value for i, v in enumerate(variables)]
+        outputs, _ = model.stateless_call(
+            values[:n_trainable], values[n_trainable:], xs[0] if single else list(xs),
+            training=False,
+        )
+        return tf.nest.flatten(outputs)
+
+    signature = [*specs, *weight_specs]
+    by_input = {spec.name: variables[i] for spec, i in zip(weight_specs, fed)}
+    return tf.function(call, input_signature=signature), signature, by_input
+
+
+def _attach_weights(model: ir.Model, by_input: dict[str, Any]) -> None:
+    """Turn the weight inputs back into initializers named after their Keras variables.
+
+    tf2onnx put Transposes (NHWC kernels to OIHW) on the kernels it could not transpose itself;
+    folding them gives the Conv constant weights, as in the plain route.
+    """
+    # Imported here: only this route needs it, and ``onnxopt.export`` is imported by ONNX-only runs.
+    from onnxscript.optimizer._constant_folding import FoldConstantsPass
+
+    graph = model.graph
+    largest = 0
+    for value in list(graph.inputs):
+        variable = by_input.get(value.name)
+        if variable is None:
+            continue
+        graph.inputs.remove(value)
+        array = np.asarray(variable.numpy())
+        largest = max(largest, array.size)
+        if variable.path not in graph.initializers:
+            value.name = variable.path
+        value.const_value = ir.Tensor(array, name=value.name)
+        graph.register_initializer(value)
+    fold = FoldConstantsPass(
+        shape_inference=False, input_size_limit=largest, output_size_limit=largest
+    )
+    ir.passes.PassManager([fold, common.RemoveUnusedNodesPass()])(model)
 
 
 def export_tf_function(
@@ -178,11 +255,21 @@ def _convert(
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    convertible: tuple[Any, list, dict[str, Any]] | None = None,
 ) -> Exported:
+    """Convert ``serve`` (or ``convertible``, the same model with weights as inputs) with tf2onnx.
+
+    ``serve`` stays the reference either way, so the weight-input route is verified against the
+    model itself.
+    """
     tf = require("tensorflow", "exporting a TensorFlow model")
     tf2onnx = require("tf2onnx", "exporting a TensorFlow model")
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset)
+    function, signature, by_input = convertible or (serve, specs, {})
+    proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
     model = ir.serde.deserialize_model(proto)
+    del proto
+    if by_input:
+        _attach_weights(model, by_input)
 
     def reference(arrays: list[np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(t) for t in serve(*arrays)]
