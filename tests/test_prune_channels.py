@@ -283,6 +283,151 @@ def test_budget_is_a_cosine_floor_or_none() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Regressions from the model zoo (light inception_v1/v2 and densenet121, Keras MobileNetV2)
+
+
+def scale_slices(model: ir.Model, slices: dict[str, tuple[int, Any]], factor: float) -> None:
+    """Multiply ``slices[name] = (axis, indices)`` of initializers by ``factor``."""
+    for name, (axis, idx) in slices.items():
+        value = model.graph.initializers[name]
+        array = value.const_value.numpy().copy()
+        index = [slice(None)] * array.ndim
+        index[axis] = idx
+        array[tuple(index)] *= factor
+        value.const_value = ir.Tensor(array, name=name)
+
+
+def rows(model: ir.Model, name: str) -> int:
+    return model.graph.initializers[name].const_value.shape[0]
+
+
+def test_concat_branches_are_each_pruned_by_the_ratio() -> None:
+    # Branch a feeds the consumer through tiny weights, so ranked as one pool with branch b it
+    # would lose all 8 channels (a zero-width Conv: light inception_v1/v2 crashed on that).
+    model = build("""
+    net (float[N, 3, 6, 6] x) => (float[N, 8, 6, 6] y) {
+      [conv_a] a = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (x, wa, ba)
+      [relu_a] ra = Relu (a)
+      [conv_b] b = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (x, wb, bb)
+      [relu_b] rb = Relu (b)
+      [cat] c = Concat <axis=1> (ra, rb)
+      [conv_c] y = Conv <kernel_shape=[1,1]> (c, wc)
+    }""", dict(wa=(8, 3, 3, 3), ba=(8,), wb=(8, 3, 3, 3), bb=(8,), wc=(8, 16, 1, 1)))
+    scale_slices(model, {"wc": (1, slice(0, 8))}, 0.01)
+    calibration = [feeds_for((4, 3, 6, 6), seed=40 + i) for i in range(2)]
+    pruned, opt = prune(model, calibration, ratio=0.5)
+    assert (rows(pruned, "wa"), rows(pruned, "wb")) == (4, 4)
+    assert pruned.graph.initializers["wc"].const_value.shape == (8, 8, 1, 1)
+    (note,) = [g for g in opt.notes["groups"] if "cat concat" in g["group"]]
+    assert (note["units"], note["kept"]) == (16, 8)
+    assert np.isfinite(run(pruned, feeds_for((2, 3, 6, 6), seed=41))["y"]).all()
+
+
+DENSE_CHAIN = """
+net (float[N, 3, 6, 6] x) => (float[N, 8, 6, 6] y) {
+  [conv0] c0 = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (x, w0, b0)
+  [bn1] n1 = BatchNormalization (c0, s1, t1, m1, v1)
+  [relu1] r1 = Relu (n1)
+  [conv1] c1 = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (r1, w1, b1)
+  [cat1] k1 = Concat <axis=1> (c0, c1)
+  [bn2] n2 = BatchNormalization (k1, s2, t2, m2, v2)
+  [relu2] r2 = Relu (n2)
+  [conv2] c2 = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (r2, w2, b2)
+  [cat2] k2 = Concat <axis=1> (k1, c2)
+  [bn3] n3 = BatchNormalization (k2, s3, t3, m3, v3)
+  [relu3] r3 = Relu (n3)
+  [conv3] y = Conv <kernel_shape=[1,1]> (r3, w3)
+}
+"""
+
+
+def test_densenet_like_concat_chain_keeps_every_layer_alive() -> None:
+    # The stem's 8 channels reach every later layer through weak weights: one pool would drop
+    # them all, leaving conv1 with no input (light densenet121 crashed in the refit/BN update).
+    shapes = dict(w0=(8, 3, 3, 3), b0=(8,), s1=(8,), t1=(8,), m1=(8,), w1=(4, 8, 3, 3), b1=(4,),
+                  s2=(12,), t2=(12,), m2=(12,), w2=(4, 12, 3, 3), b2=(4,), s3=(16,), t3=(16,),
+                  m3=(16,), w3=(8, 16, 1, 1))
+    consts = {f"v{i}": np.full(n, 1.5, np.float32) for i, n in ((1, 8), (2, 12), (3, 16))}
+    model = build(DENSE_CHAIN, shapes, consts)
+    scale_slices(model, {"w1": (1, slice(None)), "w2": (1, slice(0, 8)),
+                         "w3": (1, slice(0, 8))}, 0.01)
+    calibration = [feeds_for((4, 3, 6, 6), seed=50 + i) for i in range(2)]
+    pruned, opt = prune(model, calibration, ratio=0.5)
+    assert [rows(pruned, w) for w in ("w0", "w1", "w2")] == [4, 2, 2]
+    assert pruned.graph.initializers["w3"].const_value.shape == (8, 8, 1, 1)
+    assert pruned.graph.initializers["m2"].const_value.shape == (6,)
+    refits = {s["layer"]: s for s in opt.notes["reconstruction"]}
+    assert "skipped" not in refits["conv1"] and "skipped" not in refits["bn2"]
+    assert np.isfinite(run(pruned, feeds_for((2, 3, 6, 6), seed=51))["y"]).all()
+
+
+INVERTED_RESIDUAL = """
+net (float[N, 3, 6, 6] x) => (float[N, 2, 6, 6] y) {
+  [pw1] a = Conv <kernel_shape=[1,1]> (x, w1, b1)
+  [relu1] r1 = Relu (a)
+  [dw] d = Conv <group=16, pads=[1,1,1,1], kernel_shape=[3,3]> (r1, wd, bd)
+  [relu2] r2 = Relu (d)
+  [pw2] p = Conv <kernel_shape=[1,1]> (r2, w2, b2)
+  [add] s = Add (r1, p)
+  [head] y = Conv <kernel_shape=[1,1]> (s, w3)
+}
+"""
+INVERTED_RESIDUAL_SHAPES = dict(w1=(16, 3, 1, 1), b1=(16,), wd=(16, 1, 3, 3), bd=(16,),
+                                w2=(16, 16, 1, 1), b2=(16,), w3=(2, 16, 1, 1))
+
+
+def test_depthwise_residual_block_prunes_exactly_with_its_producer() -> None:
+    model = build(INVERTED_RESIDUAL, INVERTED_RESIDUAL_SHAPES)
+    pruned, opt = prune(model, ratio=0.5)
+    assert pruned.graph.node("dw").attributes.get_int("group") == 8
+    assert pruned.graph.initializers["wd"].const_value.shape == (8, 1, 3, 3)
+    original = model.graph.initializers["w1"].const_value.numpy()
+    kept = [int(np.flatnonzero((original == row).all(axis=(1, 2, 3)))[0])
+            for row in pruned.graph.initializers["w1"].const_value.numpy()]
+    gone = sorted(set(range(16)) - set(kept))
+    # Removing a channel of the block equals zeroing what reads it: pw2's and head's columns.
+    zeroed = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    zero_units(zeroed, {"w2": (1, gone), "w3": (1, gone)})
+    assert_same_outputs(pruned, zeroed, feeds_for((2, 3, 6, 6), seed=60))
+
+
+def test_missed_budget_halves_the_ratio_until_verified() -> None:
+    # 4 weak channels: removing them is nearly free, removing 8 is not (cosine < 0.999): the
+    # pass backs off to 0.25 and the pipeline verifies it (Keras MobileNetV2 breached its budget).
+    from onnxopt.api import optimize
+
+    model = build(INVERTED_RESIDUAL, INVERTED_RESIDUAL_SHAPES)
+    weak = list(range(4))
+    scale_slices(model, {"w1": (0, weak), "b1": (0, weak), "wd": (0, weak), "bd": (0, weak),
+                         "w2": (0, weak), "b2": (0, weak), "w3": (1, weak)}, 1e-3)
+    scale_slices(model, {"w2": (1, weak)}, 1e-3)
+    calibration = [feeds_for((4, 3, 6, 6), seed=70 + i) for i in range(2)]
+    recipe = [{"pass": "prune-channels", "ratio": 0.5, "round_to": 1, "min_cosine": 0.999,
+               "reconstruct": False, "recalibrate_bn": False}]
+    optimized, report = optimize(model, recipe, calibration=calibration)
+    record = report.passes[-1]
+    assert [t["ratio"] for t in record.notes["fit"]["tries"]] == [0.5, 0.25]
+    assert record.notes["fit"]["on"].startswith("last calibration batch")  # not fitted on
+    assert record.notes["fit"]["tries"][0]["cosine"] < 0.999
+    assert record.modified and all(m["cosine"] >= 0.999 for m in record.drift.values())
+    assert optimized.graph.node("dw").attributes.get_int("group") == 12
+
+
+def test_unreachable_budget_leaves_the_model_unpruned_and_says_why() -> None:
+    model = build(INVERTED_RESIDUAL, INVERTED_RESIDUAL_SHAPES)
+    calibration = [feeds_for((4, 3, 6, 6), seed=80)]
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    config = make_config(PruneChannelsPass, {"ratio": 0.5, "round_to": 1, "min_cosine": 0.99999,
+                                             "reconstruct": False, "recalibrate_bn": False})
+    opt = PruneChannelsPass(config, PassContext(calibration=calibration))
+    assert not opt(copy).modified
+    assert len(opt.notes["fit"]["tries"]) == 4 and "no ratio" in opt.notes["unchanged"]
+    assert opt.notes["fit"]["on"] == "synthesized inputs"  # one batch: nothing to hold out
+    assert copy.graph.initializers["w1"].const_value.shape == (16, 3, 1, 1)
+    assert_same_outputs(copy, model, feeds_for((2, 3, 6, 6), seed=81))
+
+
+# ----------------------------------------------------------------------------------------------
 # Real architectures and the recipe
 
 
