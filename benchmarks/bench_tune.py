@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine['cpu_model']}, {machine['usable_cores']} cores, onnxruntime "
           f"{machine['versions']['onnxruntime']}, load average {_load()}\n")
     rows, documents = [], {}
-    for name in args.models.split(","):
+    models = {name: light_model(name) for name in args.models.split(",")}  # fail early on a typo
+    for name, model in models.items():
         started = time.perf_counter()
-        result = tune(light_model(name), objective=args.objective, time_budget_s=args.budget)
+        result = tune(model, objective=args.objective, time_budget_s=args.budget)
         documents[name] = result.document()
         g = result.gain
         lo, hi = g["speedup_ci95"]

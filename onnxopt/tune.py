@@ -16,7 +16,7 @@ machine where nothing helps gets ORT's defaults back. With ``objective="memory"`
 candidate's peak resident memory is read from fresh runner processes instead, and the smallest
 wins if it saves at least 2 MB and 2% and is at most 10% slower (latency breaks ties). At the
 end the chosen settings and ORT's defaults are measured side by side once more for the reported
-gain.
+gain; if that run does not confirm the choice as surely faster, ORT's defaults are kept.
 
 The result is a session configuration document (:data:`onnxopt.runner.SESSION_CONFIG_SCHEMA`)
 that ``onnxopt bench --session-config``, ``runner.py --session-config`` and
@@ -136,7 +136,11 @@ class TuneResult:
         memory = ""
         if rss.get("defaults") is not None and rss.get("tuned") is not None:
             memory = f"; peak RSS {rss['defaults']:.0f} MB -> {rss['tuned']:.0f} MB"
-        lines += ["", f"Chosen: {self.best.label()}.",
+        chosen = f"Chosen: {self.best.label()}."
+        if g.get("unconfirmed"):
+            chosen = (f"Chosen: ORT defaults; the stages picked {g['unconfirmed']}, which the "
+                      "final side-by-side run did not confirm as faster (figures below).")
+        lines += ["", chosen,
                   f"Against ORT defaults ({self.defaults.label()}): p50 {g['p50_ms_defaults']:.3f}"
                   f" ms -> {g['p50_ms_tuned']:.3f} ms, speed-up {g['speedup']:.2f}x "
                   f"(95% CI {lo:.2f}-{hi:.2f}){memory}."]
@@ -211,6 +215,11 @@ def tune(
                 best = search.stage(stage, candidates)
         report(len(stages) / (len(stages) + 1), "ORT defaults vs tuned")
         gain = search.final(defaults, best)
+        if objective == "latency" and best != defaults and not gain["speedup_ci95"][0] > 1.0:
+            # The stages' pick lost its edge side by side (a busy machine can fool one stage):
+            # keep ORT's defaults rather than ship settings not surely faster.
+            gain["unconfirmed"] = best.label()
+            best = defaults
         report(1.0, "done")
         record = {"path": source, "sha256": runner.file_sha256(path),
                   "feeds": {k: list(v.shape) for k, v in the_feeds.items()},

@@ -75,6 +75,10 @@ def test_tune_tries_every_stage_and_follows_its_rule(model_path: Path) -> None:
     assert len(doc["tuned"]["trials"]) == len(result.trials)
     gain = doc["tuned"]["gain"]
     assert gain["peak_rss_mb"]["defaults"] > 0 and gain["peak_rss_mb"]["tuned"] > 0
+    if result.best != SessionSettings():  # kept only when the final run confirms it
+        assert gain["speedup_ci95"][0] > 1.0 and "unconfirmed" not in gain
+    elif "unconfirmed" in gain:
+        assert "did not confirm" in result.to_markdown()
     assert "ORT defaults" in result.to_markdown()
 
 
