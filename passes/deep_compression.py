@@ -76,6 +76,15 @@ class DeepCompressConfig:
     refine_factor: float = option(0.75, "Each refinement step keeps this fraction of a layer's "
                                   "kept weights.")
     patience: int = option(2, "Pruning levels failing in a row before the pruning search stops.")
+    search_layers: int = option(
+        12, "The per-layer refinement and the per-layer bit search visit at most this many "
+        "layers, most weights first; the bit search then lowers the bits of all the other "
+        "layers together (a conv net has dozens of small layers).")
+    sequential_layers: int = option(
+        12, "Models with at most this many layers refit each layer on the activations of the "
+        "layers compressed before it, which costs an ONNX Runtime run per layer and candidate; "
+        "larger ones refit every layer on the activations of the model received, from "
+        "statistics gathered once (MobileNetV2: minutes instead of hours).")
     exclude: list[str] = option([], "Layers left alone (fnmatch on node name, op type or weight "
                                 "name; 're:' prefix for a regex).")
     ops: list[str] = option(list(WEIGHT_OPS), "Op types whose constant weight is compressed.")
@@ -99,6 +108,8 @@ class DeepCompressConfig:
             raise ValueError("keep_fractions must be a non-empty list of values in (0, 1]")
         if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
             raise ValueError("bits must be a non-empty list of values between 2 and 8")
+        if self.search_layers < 1:
+            raise ValueError("search_layers must be >= 1")
         check_patterns(self.exclude)
 
 
@@ -282,12 +293,31 @@ class Search:
         self.layers = self._layers(model)
         self.trace: list[dict[str, Any]] = []
         self._cache: dict[tuple[Keep, tuple[int, ...]], share_weights.LayerResult] = {}
+        self._solved: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self.original_stats = original_stats or model_stats(model)
+        # Independent refits (``stats``): see DeepCompressConfig.sequential_layers.
+        self.stats: list[layer_refit.LayerStats | None] | None = None
+        self.ref_inputs: list[list[np.ndarray]] | None = None
         if self.layers:
             self.references = [(layer.to_rows(layer.weight_array()), layer.bias_array())
                                for layer in self.layers]
             self.ref_inputs = layer_refit.capture(model, [layer.input for layer in self.layers],
                                                   batches)
+            if len(self.layers) > cfg.sequential_layers:
+                self.stats = self._reference_stats()
+                self.ref_inputs = None  # the statistics are all the refits read from now on
+
+    def _reference_stats(self) -> list[layer_refit.LayerStats | None]:
+        """Each layer's refit statistics on the model received (None: a shared weight)."""
+        assert self.ref_inputs is not None
+        stats: list[layer_refit.LayerStats | None] = []
+        with layer_refit.single_threaded_blas():
+            for layer, inputs, (rows, bias) in zip(self.layers, self.ref_inputs,
+                                                   self.references):
+                stats.append(None if len(layer.weight.uses()) != 1 else layer_refit.accumulate(
+                    layer, inputs, inputs, rows, bias, max_rows=self.cfg.calibration_rows,
+                    seed=self.seed))
+        return stats
 
     def _layers(self, model: ir.Model) -> list[Layer]:
         cfg = self.cfg
@@ -305,11 +335,36 @@ class Search:
             plans = prune.plan_layers(layers, 0.0, "layer", own)
         else:
             plans = prune.plan_layers(layers, 1.0 - keep, "global")
+        if self.stats is not None:
+            self._prune_independently(target, plans, clear=not isinstance(keep, tuple))
+            return target
         with layer_refit.single_threaded_blas():
             prune.apply_plans(target, plans, self.batches, damp=self.cfg.damp,
                               max_rows=self.cfg.calibration_rows, seed=self.seed,
                               ref_inputs=self.ref_inputs)
         return target
+
+    def _prune_independently(self, target: ir.Model, plans: Sequence[prune.LayerPlan],
+                             clear: bool) -> None:
+        """Prune and refit each layer on the reference statistics. A layer's result depends
+        only on how many of its weights it keeps (the largest ones), so results are cached by
+        that count: a refinement step re-solves one layer. ``clear``: a new global level, whose
+        counts differ everywhere (the cache would only hold memory)."""
+        assert self.stats is not None
+        if clear:
+            self._solved.clear()
+        with layer_refit.single_threaded_blas():
+            for i, plan in enumerate(plans):
+                key = (i, int(np.count_nonzero(plan.mask)))
+                solved = self._solved.get(key)
+                if solved is None:
+                    stats = self.stats[i]
+                    if stats is None or not plan.mask.any():
+                        solved = (np.where(plan.mask, plan.rows, 0).astype(np.float32), plan.bias)
+                    else:
+                        solved = prune.refit_plan(plan, stats, self.cfg.damp, {})
+                    self._solved[key] = solved
+                prune.write_layer(target.graph, plan.layer, *solved)
 
     def shared(self, pruned_model: ir.Model, keep: Keep, bits: Sequence[int], *,
                in_place: bool = False) -> tuple[ir.Model, list[dict[str, Any]]]:
@@ -318,7 +373,8 @@ class Search:
         ``pruned_model`` must be the model pruned at ``keep``. A layer's result depends only on
         ``keep``, its bits and those of the layers before it (its refit reads their output), so
         results are cached by that prefix: lowering one layer's bits recomputes only the layers
-        from it on, and redoing the winner on the model itself costs no refit.
+        from it on, and redoing the winner on the model itself costs no refit. With independent
+        refits a layer's result depends on ``keep`` and its own bits only.
         """
         target = pruned_model if in_place else pruned_model.clone()
         layers = self._layers(target)
@@ -329,12 +385,13 @@ class Search:
         changed = False
         with layer_refit.single_threaded_blas():
             for i, layer in enumerate(layers):
-                key = (keep, tuple(bits[: i + 1]))
+                key = (keep, tuple(bits[: i + 1]) if self.stats is None else (-1 - i, bits[i]))
                 result = self._cache.get(key)
                 if result is None:
                     result = share_weights.cluster_layer(
-                        target, layer, bits[i], self.references[i], self.ref_inputs[i],
-                        self.batches, changed, cfg)
+                        target, layer, bits[i], self.references[i],
+                        None if self.ref_inputs is None else self.ref_inputs[i], self.batches,
+                        changed, cfg, stats=None if self.stats is None else self.stats[i])
                     self._cache[key] = result
                 records.append(share_weights.write_result(target.graph, layer, result,
                                                           self.index))
@@ -388,7 +445,8 @@ class Search:
                 for layer in layers]
         sizes = [layer.weight_array().size for layer in layers]
         current: tuple[float, ...] = tuple(kept)
-        for i in sorted(range(len(layers)), key=lambda j: -sizes[j] * kept[j]):
+        order = sorted(range(len(layers)), key=lambda j: -sizes[j] * kept[j])
+        for i in order[: self.cfg.search_layers]:
             for _ in range(self.cfg.refine_steps):
                 trial = list(current)
                 trial[i] = current[i] * self.cfg.refine_factor
@@ -408,7 +466,8 @@ class Search:
         """Greedy over layers, largest first: the fewest bits that keep the model in budget.
 
         All layers start at the most bits; each layer's bits are then bisected (accuracy is
-        taken to fall with fewer bits), the others held where they are.
+        taken to fall with fewer bits), the others held where they are. Past ``search_layers``
+        layers, the remaining (smaller) layers are bisected together, as one group.
         """
         choices = sorted(set(self.cfg.bits))
         bits = [choices[-1]] * len(self.layers)
@@ -416,12 +475,16 @@ class Search:
         if not current.ok:
             return None
         sizes = [np.count_nonzero(layer.weight_array()) for layer in self._layers(pruned_model)]
-        for i in sorted(range(len(bits)), key=lambda j: -sizes[j]):
+        order = sorted(range(len(bits)), key=lambda j: -sizes[j])
+        visit = order[: self.cfg.search_layers]
+        groups = [[i] for i in visit] + ([order[len(visit):]] if len(order) > len(visit) else [])
+        for group in groups:
             low, high = 0, len(choices) - 1  # choices[high] is known to pass
             while low < high:
                 mid = (low + high) // 2
                 trial_bits = list(bits)
-                trial_bits[i] = choices[mid]
+                for i in group:
+                    trial_bits[i] = choices[mid]
                 trial = self._try(keep, pruned_model, trial_bits)
                 if trial.ok:
                     high, bits, current = mid, trial_bits, trial
@@ -455,6 +518,7 @@ class Search:
     def notes(self, best: Candidate | None) -> dict[str, Any]:
         ev = self.evaluator
         notes: dict[str, Any] = {"budget": ev.describe(), "baseline_top1": ev.baseline,
+                                 "refit": "sequential" if self.stats is None else "independent",
                                  "search": self.trace}
         if best is None:
             return notes

@@ -215,32 +215,94 @@ def solve_masked(stats: LayerStats, start_rows: np.ndarray, start_bias: np.ndarr
     """Refit each output row on its kept inputs (``masks``), and the bias when there is one.
 
     Minimizes ``|X w + b - y|^2 + lambda |w - w_start|^2`` per output; pruned weights stay 0.
+    The per-output systems are solved in stacks (:func:`_masked_systems`): one solve call per
+    output cost ~1 ms of overhead, 17 s of MobileNetV2's 70 s per pruning candidate (its
+    depthwise layers make one 10x10 system per channel).
     """
     out, in_g = start_rows.shape
     out_g = out // stats.groups
     rows = np.zeros((out, in_g))
     bias = None if start_bias is None else start_bias.astype(np.float64).copy()
-    for g in range(stats.groups):
-        hessian, cross = stats.hessian[g], stats.cross[g]
-        lam = _ridge(hessian, damp)
-        for local in range(out_g):
-            o = g * out_g + local
-            sel = np.flatnonzero(masks[o])
-            idx = sel if bias is None else np.append(sel, in_g)
-            if idx.size == 0:
-                continue
-            start = start_rows[o, sel].astype(np.float64)
-            reg = np.full(idx.size, lam)
-            rhs = cross[idx, local].copy()
-            rhs[: sel.size] += lam * start
+    lams = np.array([_ridge(stats.hessian[g], damp) for g in range(stats.groups)])
+    kept = masks.reshape(out, in_g).sum(axis=1)
+    width = kept + (0 if bias is None else 1)
+    order = [o for o in np.argsort(width, kind="stable") if width[o] > 0]
+    start = 0
+    while start < len(order):  # outputs of similar width share a stack (little padding)
+        o = order[start]
+        if width[o] > _STACK_WIDTH:  # the order is by width: all the rest are wide too
+            for o in order[start:]:
+                _solve_one(stats, start_rows, bias, masks, rows, o, out_g, lams)
+            break
+        end = start + 1
+        while (end < len(order) and width[order[end]] <= _STACK_WIDTH
+               and (end - start + 1) * int(width[order[end]]) ** 2 <= _STACK):
+            end += 1
+        outs = np.array(order[start:end])
+        system, rhs, sel = _masked_systems(stats, start_rows, masks, outs, out_g, lams,
+                                           bias is not None)
+        try:
+            solution = np.linalg.solve(system, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a singular system in the stack: one at a time
+            solution = np.stack([_solve(a, b) for a, b in zip(system, rhs)])
+        for b, o in enumerate(outs):
+            n = int(kept[o])
+            rows[o, sel[b, :n]] = solution[b, :n]
             if bias is not None:
-                reg[-1] = 0.0  # the bias is not pulled towards its start
-            system = hessian[np.ix_(idx, idx)] + np.diag(reg)
-            solution = _solve(system, rhs)
-            rows[o, sel] = solution[: sel.size]
-            if bias is not None:
-                bias[o] = solution[-1]
+                bias[o] = solution[b, n]
+        start = end
     return rows, bias
+
+
+def _solve_one(stats: LayerStats, start_rows: np.ndarray, bias: np.ndarray | None,
+               masks: np.ndarray, rows: np.ndarray, o: int, out_g: int, lams: np.ndarray
+               ) -> None:
+    """Output ``o``'s ridge system on its kept inputs alone (fills ``rows`` and ``bias``)."""
+    g, local = divmod(o, out_g)
+    in_g = start_rows.shape[1]
+    sel = np.flatnonzero(masks[o])
+    idx = sel if bias is None else np.append(sel, in_g)
+    reg = np.full(idx.size, lams[g])
+    rhs = stats.cross[g][idx, local].copy()
+    rhs[: sel.size] += lams[g] * start_rows[o, sel].astype(np.float64)
+    if bias is not None:
+        reg[-1] = 0.0  # the bias is not pulled towards its start
+    solution = _solve(stats.hessian[g][np.ix_(idx, idx)] + np.diag(reg), rhs)
+    rows[o, sel] = solution[: sel.size]
+    if bias is not None:
+        bias[o] = solution[-1]
+
+
+_STACK = 1 << 22  # most float64 entries in a stack of systems (32 MB)
+_STACK_WIDTH = 128  # wider systems are solved one by one: their solve outweighs the call
+
+
+def _masked_systems(stats: LayerStats, start_rows: np.ndarray, masks: np.ndarray,
+                    outs: np.ndarray, out_g: int, lams: np.ndarray, with_bias: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ridge systems of ``outs`` padded to one size: each output's kept inputs, then its
+    bias, then padding rows that solve to 0 (identity on the diagonal, zero right-hand side)."""
+    in_g = start_rows.shape[1]
+    kept = [np.flatnonzero(masks[o]) for o in outs]
+    m = max(k.size for k in kept) + int(with_bias)
+    index = np.zeros((len(outs), m), dtype=np.int64)
+    weight = np.zeros((len(outs), m), dtype=bool)  # a kept weight (pulled to its start)
+    valid = np.zeros((len(outs), m), dtype=bool)
+    for b, k in enumerate(kept):
+        index[b, :k.size] = k
+        weight[b, :k.size] = True
+        valid[b, :k.size + int(with_bias)] = True
+        if with_bias:
+            index[b, k.size] = in_g
+    groups, local = np.divmod(outs, out_g)
+    system = stats.hessian[groups[:, None, None], index[:, :, None], index[:, None, :]]
+    system = np.where(valid[:, :, None] & valid[:, None, :], system, 0.0)
+    reg = np.where(weight, lams[groups][:, None], 0.0) + np.where(valid, 0.0, 1.0)
+    system += reg[:, :, None] * np.eye(m)
+    rhs = stats.cross[groups[:, None], index, local[:, None]]
+    start = start_rows[outs[:, None], np.where(weight, index, 0)].astype(np.float64)
+    rhs = np.where(valid, rhs + np.where(weight, lams[groups][:, None] * start, 0.0), 0.0)
+    return system, rhs, index
 
 
 def solve_codebook(stats: LayerStats, codes: np.ndarray, codebook: np.ndarray,

@@ -167,7 +167,13 @@ def _keep_largest(weights: Sequence[np.ndarray], sparsity: float) -> list[np.nda
     n_prune = round(sparsity * scores.size)
     keep = np.ones(scores.size, dtype=bool)
     if n_prune:
-        keep[np.argsort(scores, kind="stable")[:n_prune]] = False
+        # The first n_prune of a stable argsort, in O(n): everything under the n-th smallest
+        # score, then ties at it by position (a full argsort of MobileNetV2's 3.5M weights per
+        # candidate was a fifth of deep-compress's time).
+        kth = np.partition(scores, n_prune - 1)[n_prune - 1]
+        below = scores < kth
+        keep[below] = False
+        keep[np.flatnonzero(scores == kth)[: n_prune - int(below.sum())]] = False
     out, start = [], 0
     for w in weights:
         out.append(keep[start:start + w.size].reshape(w.shape))
@@ -201,19 +207,29 @@ def apply_plans(model: ir.Model, plans: Sequence[LayerPlan], batches: Sequence[F
                       if changed else ref_inputs[i])
             stats = layer_refit.accumulate(layer, inputs, ref_inputs[i], plan.rows, plan.bias,
                                            max_rows=max_rows, seed=seed)
-            plain = layer_refit.reconstruction_error(stats, pruned, plan.bias)
-            rows, new_bias = layer_refit.solve_masked(stats, pruned, plan.bias, mask, damp=damp)
-            refit = layer_refit.reconstruction_error(stats, rows, new_bias)
-            record.update(error_plain=round(float(plain), 6), error_refit=round(float(refit), 6))
-            if refit < plain:
-                pruned = np.where(mask, rows, 0).astype(np.float32)
-                bias = None if new_bias is None else new_bias.astype(np.float32)
+            pruned, bias = refit_plan(plan, stats, damp, record)
         record["kept"] = int(np.count_nonzero(pruned))
         records.append(record)
         record["kept_pct"] = round(100.0 * record["kept"] / max(mask.size, 1), 3)
         write_layer(model.graph, layer, pruned, bias)
         changed = True
     return records
+
+
+def refit_plan(plan: LayerPlan, stats: layer_refit.LayerStats, damp: float,
+               record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's pruned rows and bias, refit on ``stats`` when that lowers the layer's
+    reconstruction error (errors go into ``record``)."""
+    pruned = np.where(plan.mask, plan.rows, 0).astype(np.float32)
+    bias = plan.bias
+    plain = layer_refit.reconstruction_error(stats, pruned, plan.bias)
+    rows, new_bias = layer_refit.solve_masked(stats, pruned, plan.bias, plan.mask, damp=damp)
+    refit = layer_refit.reconstruction_error(stats, rows, new_bias)
+    record.update(error_plain=round(float(plain), 6), error_refit=round(float(refit), 6))
+    if refit < plain:
+        pruned = np.where(plan.mask, rows, 0).astype(np.float32)
+        bias = None if new_bias is None else new_bias.astype(np.float32)
+    return pruned, bias
 
 
 def write_layer(graph: ir.Graph, layer: Layer, rows: np.ndarray, bias: np.ndarray | None) -> None:

@@ -280,11 +280,13 @@ def cluster_layers(model: ir.Model, layers: Sequence[Layer], bits: Sequence[int]
 def cluster_layer(model: ir.Model, layer: Layer, bits: int,
                   reference: tuple[np.ndarray, np.ndarray | None],
                   ref_inputs: list[np.ndarray] | None, batches: Any, changed: bool,
-                  cfg: ShareWeightsConfig) -> LayerResult:
+                  cfg: ShareWeightsConfig, stats: layer_refit.LayerStats | None = None
+                  ) -> LayerResult:
     """Cluster one layer (and refit it when reference inputs are given); nothing is written.
 
     ``changed``: whether an earlier layer was changed, so that this layer's inputs must be read
-    from the model again rather than taken from ``ref_inputs``.
+    from the model again rather than taken from ``ref_inputs``. ``stats``: the refit's
+    statistics, when the caller has them already (then nothing is captured).
     """
     weight = layer.weight_array()
     record: dict[str, Any] = {"layer": layer.name, "op": layer.node.op_type,
@@ -298,9 +300,10 @@ def cluster_layer(model: ir.Model, layer: Layer, bits: int,
         return LayerResult(cluster(weight, bits, cfg.iterations), layer.bias_array(), record)
     clustered = cluster(weight, bits, cfg.iterations)
     bias = layer.bias_array()
-    if ref_inputs is not None and batches and len(layer.weight.uses()) == 1:
+    refittable = stats is not None or (ref_inputs is not None and batches)
+    if refittable and len(layer.weight.uses()) == 1:
         clustered, bias, errors = refit_codebook(model, layer, clustered, bias, reference,
-                                                 ref_inputs, batches, changed, cfg)
+                                                 ref_inputs, batches, changed, cfg, stats)
         record.update(errors)
     return LayerResult(clustered, bias, record)
 
@@ -321,13 +324,17 @@ def write_result(graph: ir.Graph, layer: Layer, result: LayerResult,
 
 
 def refit_codebook(model: ir.Model, layer: Layer, clustered: Clustered, bias: np.ndarray | None,
-                   reference: tuple[np.ndarray, np.ndarray | None], ref_inputs: list[np.ndarray],
-                   batches: Any, changed: bool, cfg: ShareWeightsConfig
+                   reference: tuple[np.ndarray, np.ndarray | None],
+                   ref_inputs: list[np.ndarray] | None, batches: Any, changed: bool,
+                   cfg: ShareWeightsConfig, stats: layer_refit.LayerStats | None = None
                    ) -> tuple[Clustered, np.ndarray | None, dict[str, float]]:
     """Least-squares centroids (and bias) for ``layer``; keeps the k-means ones if no better."""
-    inputs = layer_refit.capture(model, [layer.input], batches)[0] if changed else ref_inputs
-    stats = layer_refit.accumulate(layer, inputs, ref_inputs, reference[0], reference[1],
-                                   max_rows=cfg.calibration_rows)
+    if stats is None:
+        assert ref_inputs is not None
+        inputs = (layer_refit.capture(model, [layer.input], batches)[0] if changed
+                  else ref_inputs)
+        stats = layer_refit.accumulate(layer, inputs, ref_inputs, reference[0], reference[1],
+                                       max_rows=cfg.calibration_rows)
     codes_rows = layer.layout(clustered.codes)
     before = layer_refit.reconstruction_error(
         stats, clustered.codebook[codes_rows] * layer.scale, bias)

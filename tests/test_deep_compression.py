@@ -104,3 +104,36 @@ def test_cli_runs_the_recipe(tmp_path: Path):
     assert report["passes"][-1]["options"]["max_drop"] == 25
     assert 100 - top1_accuracy(out, x[128:], labels[128:]) <= 25 + 1e-9
     assert notes["layers"][-1]["layer"] == "total"
+
+
+def test_many_layers_refit_independently_with_one_capture(monkeypatch: pytest.MonkeyPatch):
+    """Past ``sequential_layers`` the search captures activations once, not once per layer and
+    candidate (regression: MobileNetV2, 53 layers, ran over 20 minutes), and past
+    ``search_layers`` the smaller layers share one bit width."""
+    from onnxopt.passes import layer_refit
+
+    captures = []
+    real_capture = layer_refit.capture
+
+    def counting_capture(*args, **kwargs):
+        captures.append(len(args[1]))
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(layer_refit, "capture", counting_capture)
+    proto = mlp_proto(sizes=(64, 64, 32, 10))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((192, 64)).astype(np.float32)
+    out, report = onnxopt.optimize(
+        proto, "deep-compression", calibration=[{"x": x[:64]}, {"x": x[64:128]}],
+        evaluation=({"x": x[128:]}, None),
+        overrides={"keep_fractions": [0.9, 0.7], "bits": [8, 6, 4], "min_cosine": 0.95,
+                   "sequential_layers": 1, "search_layers": 1, "refine_steps": 1})
+    notes = report.passes[-1].notes
+    assert notes["refit"] == "independent"
+    assert captures == [3]  # all three layer inputs, once
+    bits = notes["bits"]
+    assert bits["fc2.weight"] == bits["fc3.weight"]  # the two smaller layers, bisected together
+    ref, got = predict(proto, x[128:]), predict(out, x[128:])
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.mean() >= 0.95 and notes["final"]["cosine"] >= 0.95
+    assert notes["kept_pct"] < 100

@@ -162,3 +162,50 @@ def test_second_run_with_kept_ops_changes_nothing(mlp: ir.Model) -> None:
     config = Fp16Pass.Config(keep_ops=["Relu"])
     assert Fp16Pass(config)(model).modified is True
     assert Fp16Pass(config)(model).modified is False
+
+
+def test_out_of_range_activations_stay_float32() -> None:
+    """Activations past 65504 (h) or under float16's smallest values (t, s) keep their nodes in
+    float32 (regression: random-weight MobileNetV2's activations fall to 1e-7 and rounded to 0)."""
+    rng = np.random.default_rng(3)
+    model = with_weights("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,64] x) => (float[N,4] y) {
+  r = Relu(x)
+  h = Gemm <transB = 1> (r, w1, b1)
+  a = Gemm <transB = 1> (h, w2, b2)
+  t = Mul(a, tiny)
+  s = Relu(t)
+  y = Mul(s, huge)
+}""", {"w1": (6e4 * he(rng, 16, 64, fan_in=64)), "b1": he(rng, 16, fan_in=100),
+       "w2": (1e-5 * he(rng, 4, 16, fan_in=16)), "b2": he(rng, 4, fan_in=100),
+       "tiny": np.array(1e-9, np.float32), "huge": np.array(1e9, np.float32)})
+    # Verified at FP16_BUDGET by the pipeline: this raised VerificationError (cosine 0) before.
+    converted, report = onnxopt.optimize(model, "fp16", overrides={"fp16.kernels": "none"})
+    notes = report.passes[-1].notes
+    kept = notes["kept_float32_nodes"]
+    by_output = {n.outputs[0].name: n for n in converted.graph}  # fuse folds Mul(a, tiny)
+    for name in ("h", "t", "s"):  # out of range, or reading an out-of-range tensor
+        assert by_output[name].name in kept
+        assert by_output[name].outputs[0].dtype == ir.DataType.FLOAT
+    assert "overflow" in kept[by_output["h"].name] and "underflow" in kept[by_output["s"].name]
+    assert by_output["r"].outputs[0].dtype == ir.DataType.FLOAT16  # in range: converted
+    assert notes["float16_round_trips_removed"] >= 1
+    # Weights of kept nodes: float16 data where it holds them, else float32, typed to match.
+    onnx.checker.check_model(ir.serde.serialize_model(converted), full_check=True)
+    w2 = converted.graph.initializers  # w2 is folded with tiny (1e-14): too small for float16
+    assert {v.const_value.dtype for v in w2.values()} == {ir.DataType.FLOAT16, ir.DataType.FLOAT}
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float32)}
+    ref = runner.run(runner.reference_session(
+        ir.serde.serialize_model(model).SerializeToString()), feeds)["y"]
+    out = runner.run(runner.reference_session(
+        ir.serde.serialize_model(converted).SerializeToString()), feeds)["y"]
+    assert np.all(np.isfinite(out)) and cosine_similarity(ref, out) >= FP16_BUDGET.min_value
+
+
+def test_range_check_off_converts_everything(mlp: ir.Model) -> None:
+    model = mlp.clone()
+    fp16 = Fp16Pass(Fp16Pass.Config(kernels="none", max_cast_error=0))
+    fp16(model)
+    assert "kept_float32_nodes" not in fp16.notes
+    gemms = [n for n in model.graph if n.op_type == "Gemm"]
+    assert gemms and all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in gemms)

@@ -161,3 +161,37 @@ def test_refit_recovers_accuracy_on_trained_digits_mlp():
     assert report.after["zipped_bytes"] < report.before["zipped_bytes"] / 8
     stored = [weight_storage.stored_format(layer.weight) for layer in find_layers(refit)]
     assert stored == ["sparse"] * 3
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_stacked_masked_solves_match_one_solve_per_output(with_bias: bool) -> None:
+    """``solve_masked`` solves its per-output systems in padded stacks (a depthwise layer has
+    one tiny system per channel); each output must get what its own ridge system gives."""
+    rng = np.random.default_rng(0)
+    groups, in_g, out_g = 6, 9, 2  # widths up to 10: stacked; the wide path is the plain one
+    x = rng.standard_normal((300, groups, in_g + 1))
+    x[..., -1] = 1.0
+    stats = layer_refit.LayerStats(np.einsum("rgi,rgj->gij", x, x),
+                                   rng.standard_normal((groups, in_g + 1, out_g)),
+                                   np.ones(groups * out_g), 300)
+    start = rng.standard_normal((groups * out_g, in_g))
+    bias = rng.standard_normal(groups * out_g) if with_bias else None
+    masks = rng.random(start.shape) < rng.random((groups * out_g, 1))  # widths 0 to 9
+    masks[0] = False
+    rows, new_bias = layer_refit.solve_masked(stats, start, bias, masks, damp=1e-2)
+    for o in range(groups * out_g):
+        g, local = divmod(o, out_g)
+        sel = np.flatnonzero(masks[o])
+        idx = np.append(sel, in_g) if with_bias else sel
+        lam = 1e-2 * np.mean(np.diag(stats.hessian[g])[:-1])
+        reg = np.where(np.arange(idx.size) < sel.size, lam, 0.0)
+        rhs = stats.cross[g][idx, local] + np.append(lam * start[o, sel], [0.0] * with_bias)
+        if idx.size:
+            want = np.linalg.solve(stats.hessian[g][np.ix_(idx, idx)] + np.diag(reg), rhs)
+            np.testing.assert_allclose(rows[o, sel], want[: sel.size], rtol=1e-9, atol=1e-12)
+            if with_bias:
+                assert new_bias is not None
+                np.testing.assert_allclose(new_bias[o], want[-1], rtol=1e-9, atol=1e-12)
+        assert np.all(rows[o, ~masks[o]] == 0)
+    if with_bias:  # an output with nothing kept keeps its bias refit alone
+        assert new_bias is not None and new_bias[0] != bias[0]
