@@ -19,8 +19,9 @@ weights and 77 MB of activations per 224x224 sample, calibrated on 256 samples s
         [--width 4096] [--steps inspect,cleanup,fuse,int8,share,bench,report]
         [--share-iterations 5] [--json FILE]
 
-Needs about 12 GB of free disk (model, one output at a time, verification copies) and 4 GB of
-memory; about 30 minutes on 2 shared cores (share-weights' k-means is most of it).
+Needs about 12 GB of free disk (model, one output at a time, verification copies) and 8 GB of
+memory (dynamic INT8 and share-weights peak at 3.1x and 3.4x the model); about 35 minutes on 2
+busy shared cores, most of it share-weights' k-means (15 min with 2 iterations) and INT8 (10 min).
 """
 
 from __future__ import annotations

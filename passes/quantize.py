@@ -9,7 +9,9 @@ decisions around it (each in its own module):
   float32 min, outlier-stretched ranges) stay float, found from their numbers, not names;
 * **latency** (:mod:`.quantize_latency`): static and dynamic candidates, with and without the
   shallow Q/DQ-bound nodes, are timed against FP32 here; only ones faster at every thread count
-  count, and when none is, the model stays FP32 and the notes say why;
+  count, and when none is, the model stays FP32 and the notes say why; the result's residual
+  LayerNorms are moved out of ORT's slow SkipLayerNormalization kernel when that times faster
+  (:mod:`.quantize_kernels`);
 * **accuracy** (:mod:`.quantize_search`, :mod:`.quantize_sensitivity`): remedies that keep
   every node INT8 first, then per-node SQNR, leave-one-out on evaluation data and fallback to
   FP32 until the metric's drop is within ``max_drop``; the sensitivity report
@@ -42,7 +44,8 @@ from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.quantize_accuracy import Evaluator, resolve_metric
 from onnxopt.passes.quantize_activations import capture, small_batch
 from onnxopt.passes.quantize_calibrate import CalibrationTable, calibrate, float_activations
-from onnxopt.passes.quantize_convert import DYNAMIC_OPS, QuantSpec, convert, digest
+from onnxopt.passes.quantize_convert import DYNAMIC_OPS, QuantSpec, convert, digest, load_check
+from onnxopt.passes.quantize_kernels import flatten_layer_norms
 from onnxopt.passes.quantize_latency import Timing, measure
 from onnxopt.passes.quantize_prepare import COMPUTE_OPS, PreparedModel, prepare
 from onnxopt.passes.quantize_report import quantized_nodes, sensitivity_report
@@ -176,7 +179,11 @@ class QuantizePass(OptPass):
             self.notes["decision"] = "kept FP32: no Conv, MatMul or Gemm to quantize"
             return ir.passes.PassResult(model, False)
         table = self._calibration_table(prepared, data, cfg, tmp)
-        activations = capture(prepared.proto, sample)
+        activations = capture(prepared.proto, sample, prepared.session_config)
+        if measurable and prepared.session_config:  # candidates are timed from in-memory protos
+            measurable = False
+            self.notes["target"]["latency_note"] = (
+                "latency not measured: the model is over the external-data threshold")
         plan = self._float_plan(prepared, table, activations, cfg)
         specs = self._candidate_specs(prepared, target, table, plan, cfg)
         protos = self._convert_all(prepared, specs, table)
@@ -203,7 +210,7 @@ class QuantizePass(OptPass):
                 self.notes.update(sensitivity_report(prepared, ranking, None, plan,
                                                      self._shallow, cfg.min_depth, None))
                 return ir.passes.PassResult(model, False)
-        evaluator = self._evaluator(model, prepared.proto, data, cfg)
+        evaluator = self._evaluator(model, prepared, data, cfg)
         cache = dict(protos)
 
         def convert_cached(spec: QuantSpec) -> onnx.ModelProto:
@@ -223,6 +230,8 @@ class QuantizePass(OptPass):
                                     try_per_channel=cfg.per_channel is None))
         self.notes["accuracy"] = {**evaluator.describe(), "searches": outcome.tried,
                                   "evaluations": evaluator.evaluations}
+        if measurable:
+            self._flatten_layer_norms(prepared.proto, outcome, evaluator, sample)
         return self._finish(model, prepared, sample, activations, plan, outcome, evaluator)
 
     def _finish(self, model: ir.Model, prepared: PreparedModel, sample: Feeds,
@@ -260,6 +269,35 @@ class QuantizePass(OptPass):
                                     "user's evaluation data is the check (seeded verification "
                                     "inputs do not represent INT8 ranges)")
         return ir.passes.PassResult(model, True)
+
+    def _flatten_layer_norms(self, fp32: onnx.ModelProto, outcome: Outcome,
+                             evaluator: Evaluator, sample: Feeds) -> None:
+        """Keep the result's residual LayerNorms out of ORT's slow SkipLayerNormalization kernel
+        (:mod:`.quantize_kernels`) when, timed against the result as it is, that is faster and
+        the metric stays within budget (values move by float rounding only, but INT8 rounding
+        downstream can amplify that, so the model is scored again)."""
+        result = outcome.result
+        if result is None:
+            return
+        proto, count = flatten_layer_norms(result.proto)
+        if not count:
+            return
+        try:
+            load_check(proto, "LayerNorm-flattened")
+        except OnnxoptError as exc:
+            self.notes["layer_norms"] = {"rewritten": count, "kept": False, "why": exc.message}
+            return
+        timings = self._measure(fp32, {"as found": result.proto, "flattened": proto}, sample)
+        score = evaluator.score(proto)
+        faster = timings["flattened"].worst > timings["as found"].worst
+        accurate = evaluator.within(score) if outcome.met else score.drop <= result.score.drop
+        self.notes["layer_norms"] = {
+            "rewritten": count, "kept": faster and accurate,
+            "speedup_as_found": round(timings["as found"].worst, 3),
+            "speedup_flattened": round(timings["flattened"].worst, 3),
+            "value_flattened": score.value}
+        if faster and accurate:
+            result.proto, result.score, outcome.timing = proto, score, timings["flattened"]
 
     def _measure(self, fp32: onnx.ModelProto, candidates: dict[str, onnx.ModelProto],
                  sample: Feeds) -> dict[str, Timing]:
@@ -307,8 +345,9 @@ class QuantizePass(OptPass):
             self.notes["calibration"]["table"] = str(path)
         return table
 
-    def _evaluator(self, model: ir.Model, fp32: onnx.ModelProto, data: CalibrationData | None,
+    def _evaluator(self, model: ir.Model, prepared: PreparedModel, data: CalibrationData | None,
                    cfg: QuantizeConfig) -> Evaluator:
+        fp32, config = prepared.proto, prepared.session_config
         if self.context.evaluation is not None:
             feeds, labels = self.context.evaluation
             feeds = _check_stacked(feeds, model)
@@ -316,7 +355,8 @@ class QuantizePass(OptPass):
             feeds = {k: v[:n] for k, v in feeds.items()}
             labels = None if labels is None else np.asarray(labels)[:n]
             metric = resolve_metric(cfg.metric, labels is not None)
-            return Evaluator(fp32, feeds, labels, metric, cfg.max_drop, source="evaluation data")
+            return Evaluator(fp32, feeds, labels, metric, cfg.max_drop, source="evaluation data",
+                             fp32_config=config)
         metric = resolve_metric(cfg.metric, False)
         if data is not None:
             feeds = _gather(data, FIDELITY_SAMPLES)
@@ -324,7 +364,8 @@ class QuantizePass(OptPass):
         else:
             feeds = synthesize_feeds(model, batch=SYNTHETIC_SAMPLES, seed=self.context.seed)
             source = "synthetic inputs (no calibration or evaluation data given)"
-        return Evaluator(fp32, feeds, None, metric, cfg.max_drop, source=source)
+        return Evaluator(fp32, feeds, None, metric, cfg.max_drop, source=source,
+                         fp32_config=config)
 
     # -- what stays float, and the candidates ------------------------------------------------
 

@@ -105,7 +105,8 @@ class Evaluator:
     """Scores candidate models on fixed evaluation data against the FP32 model."""
 
     def __init__(self, fp32: onnx.ModelProto, feeds: Feeds, labels: np.ndarray | None,
-                 metric: Metric, max_drop: float | None, *, source: str) -> None:
+                 metric: Metric, max_drop: float | None, *, source: str,
+                 fp32_config: Mapping[str, str] | None = None) -> None:
         self.feeds = feeds
         self.labels = labels
         self.metric = metric
@@ -116,7 +117,7 @@ class Evaluator:
         if max_drop is None:
             raise InputError(f"metric '{metric.name}' needs an explicit max_drop")
         self.max_drop = float(max_drop)
-        self.reference_outputs = self._run(fp32)
+        self.reference_outputs = self._run(fp32, fp32_config)  # config: its external data
         self.target: Target = (labels if labels is not None and metric.uses_labels
                                else self.reference_outputs)
         self.reference = self.metric.score(self.reference_outputs, self.target)
@@ -137,7 +138,7 @@ class Evaluator:
                 "max_drop": self.max_drop, "samples": self.samples, "data": self.source,
                 "labels": self.labels is not None and self.metric.uses_labels}
 
-    def _run(self, proto: onnx.ModelProto) -> Outputs:
+    def _run(self, proto: onnx.ModelProto, config: Mapping[str, str] | None = None) -> Outputs:
         # Deployment settings (all graph optimizations): QDQ groups run as integer kernels.
-        session = runner.create_session(proto.SerializeToString())
+        session = runner.create_session(proto.SerializeToString(), config=config)
         return run_batched(session, self.feeds)

@@ -7,6 +7,8 @@ stays small (a few samples): every activation of the run is in memory at once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -26,8 +28,10 @@ def small_batch(batch: Feeds, limit: int = SAMPLE_LIMIT, fixed_batch: bool = Fal
     return {k: v[:limit] for k, v in batch.items()}
 
 
-def capture(proto: onnx.ModelProto, feeds: Feeds) -> dict[str, np.ndarray]:
-    """Tensor name -> value for the float graph inputs and float node outputs."""
+def capture(proto: onnx.ModelProto, feeds: Feeds,
+            config: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Tensor name -> value for the float graph inputs and float node outputs (``config``: ORT
+    session config entries, e.g. where the external data of a model over 2 GB is)."""
     model = ir.serde.deserialize_model(proto)
     graph = model.graph
     outputs = {v.name for v in graph.outputs}
@@ -37,7 +41,8 @@ def capture(proto: onnx.ModelProto, feeds: Feeds) -> dict[str, np.ndarray]:
                 graph.outputs.append(value)
                 outputs.add(value.name)
     session = runner.create_session(
-        ir.serde.serialize_model(model).SerializeToString(), threads=None, opt_level="disabled")
+        ir.serde.serialize_model(model).SerializeToString(), threads=None, opt_level="disabled",
+        config=config)
     values = runner.run(session, feeds)
     values.update({k: v for k, v in feeds.items() if v.dtype.kind == "f"})
     return values

@@ -7,6 +7,12 @@ every node (exclusion lists and reports go by name), a two-input ``Sum`` written
 quantizer has a QLinearAdd for ``Add`` only, so residual ``Sum`` nodes would stay float between
 Dequantize/Quantize pairs), then ORT's ``quant_pre_process`` for shape inference (symbolic
 inference finds the shapes of transformer graphs that ONNX inference leaves unknown).
+
+A model too big for one protobuf (``model_io.is_big``: over 2 GB for real) is written with its
+tensors in ``prepared.onnx.data`` beside ``prepared.onnx``, streamed from their memory maps, and
+gets ONNX's file-based shape inference only (ORT's symbolic inference loads the whole model into
+one protobuf). ``PreparedModel.proto`` then holds references to that file, not the tensors;
+sessions built from it need :attr:`PreparedModel.session_config`, which names the folder.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxruntime.quantization import quant_pre_process
 
-from onnxopt.model_io import MIN_OPSET, upgrade_opset
+from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, MIN_OPSET, is_big, release_mappings,
+                              upgrade_opset)
 from onnxopt.stats import node_macs
 
 # Node types whose arithmetic INT8 speeds up; everything else is only carried along in QDQ form.
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+# ORT's session option for where external data of a model given as bytes lives (a model loaded
+# from bytes otherwise resolves it against the working directory; absolute locations are refused).
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +73,30 @@ class PreparedModel:
     def node(self, name: str) -> ComputeNode | None:
         return next((n for n in self.nodes if n.name == name), None)
 
+    def ir_model(self) -> ir.Model:
+        """``proto`` in onnx_ir form; external tensors (if any) resolved against its folder."""
+        model = ir.serde.deserialize_model(self.proto)
+        if has_external_data(self.path):
+            ir.external_data.set_base_dir(model.graph, self.path.parent)
+        return model
+
+    @property
+    def session_config(self) -> dict[str, str]:
+        """ORT session config entries for a session of ``proto`` (or a copy with more outputs)
+        given as bytes: where its external data is, when it has any."""
+        return {_EXTERNAL_FOLDER_KEY: str(self.path.parent)} if has_external_data(self.path) else {}
+
+
+def external_data_path(prepared_path: Path) -> Path:
+    """Where :func:`prepare` puts the tensors of a model too big for one protobuf."""
+    return prepared_path.with_name(prepared_path.name + ".data")
+
+
+def has_external_data(prepared_path: Path) -> bool:
+    """Whether the prepared model keeps its tensors in external data (the quantizer must then
+    read and write external data too)."""
+    return external_data_path(prepared_path).exists()
+
 
 def prepare(model: ir.Model, workdir: Path,
             shapes: Mapping[str, list[int]] | None = None) -> PreparedModel:
@@ -79,10 +113,15 @@ def prepare(model: ir.Model, workdir: Path,
     _name_nodes(work)
     _sum_to_add(work)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
-    proto = ir.serde.serialize_model(work)
     path = workdir / "prepared.onnx"
-    _pre_process(proto, path, notes)
-    proto = onnx.load(str(path))
+    if is_big(work):
+        _save_big(work, path, notes)
+        release_mappings(work)  # every tensor was read for the copy: give the pages back
+        release_mappings(model)
+        proto = onnx.load(str(path), load_external_data=False)
+    else:
+        _pre_process(ir.serde.serialize_model(work), path, notes)
+        proto = onnx.load(str(path))
     return PreparedModel(proto, path, compute_nodes(proto, shapes), notes)
 
 
@@ -168,3 +207,15 @@ def _pre_process(proto: onnx.ModelProto, path: Path, notes: list[str]) -> None:
         onnx.save(onnx.shape_inference.infer_shapes(proto), str(path))
     finally:
         logging.getLogger().disabled = was
+
+
+def _save_big(model: ir.Model, path: Path, notes: list[str]) -> None:
+    """Tensors streamed to ``prepared.onnx.data`` (aligned, so ORT maps them); then ONNX shape
+    inference from file to file, which never loads the tensors."""
+    lifted = path.with_name("lifted.onnx")
+    ir.save(model, lifted, external_data=external_data_path(path).name,
+            alignment=EXTERNAL_DATA_ALIGNMENT)
+    onnx.shape_inference.infer_shapes_path(str(lifted), str(path))
+    lifted.unlink()
+    notes.append("over the external-data threshold: tensors kept in external data, ONNX shape "
+                 "inference only (ORT's symbolic inference needs the model in one protobuf)")

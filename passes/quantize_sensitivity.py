@@ -62,7 +62,7 @@ def node_sqnr(prepared: PreparedModel, spec: QuantSpec, table: CalibrationTable 
     float and once with fake-quantized weight and inputs: the SQNR of its *output* is what
     counts (a weight tensor's own SQNR hides a huge weight that only meets zeros).
     """
-    model = ir.serde.deserialize_model(prepared.proto)
+    model = prepared.ir_model()
     graph = {n.name: n for n in model.graph}
     opset = model.opset_imports.get("", 17)
     total = max(prepared.total_macs, 1)

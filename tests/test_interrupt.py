@@ -169,9 +169,17 @@ def test_signal_while_writing_keeps_the_old_output(tmp_path: Path, monkeypatch: 
 
 
 _STALLED = """
-import sys
-from onnxopt import isolation
+import os, sys
+from pathlib import Path
+from onnxopt import isolation, pipeline
 isolation.FORCED_EXIT_GRACE_S = 1.0
+_run = pipeline.bounded_run
+
+def marked_run(*args, **kwargs):  # tells the test the inference is starting (timing only)
+    Path(os.environ["STALL_MARK"]).touch()
+    return _run(*args, **kwargs)
+
+pipeline.bounded_run = marked_run
 from onnxopt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -188,15 +196,16 @@ def test_sigterm_while_stuck_in_native_code(tmp_path: Path) -> None:
     model.write_bytes(fc.make_case("endless-loop", 0).data)
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    mark = tmp_path / "inference-started"
+    env = {**os.environ, "TMPDIR": str(tmpdir), "STALL_MARK": str(mark)}
     proc = subprocess.Popen([sys.executable, "-c", _STALLED, "optimize", str(model), "-o",
                              str(tmp_path / "out.onnx")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list(tmpdir.glob("onnxopt-run-*")):
+    while not (mark.exists() and list(tmpdir.glob("onnxopt-run-*"))):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.01)
-    time.sleep(1.5)  # into the endless inference
+    time.sleep(1.5)  # into the endless inference (on a busy machine too: it has started)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err

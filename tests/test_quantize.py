@@ -348,3 +348,59 @@ def test_bad_options_are_input_errors() -> None:
 def test_int8_recipe_fuses_before_quantizing() -> None:
     name, steps = load_recipe("int8")
     assert name == "int8" and [s.name for s in steps] == ["cleanup", "fuse", "quantize"]
+
+
+# --- residual LayerNorms kept out of ORT's SkipLayerNormalization kernel ----------------------
+
+
+def _residual_block(skip_op: bool, rank: int = 3) -> onnx.ModelProto:
+    """x -> MatMul -> + x -> LayerNorm (or the fused com.microsoft SkipLayerNormalization)."""
+    rng = np.random.default_rng(0)
+    shape = [1, 8, 16] if rank == 3 else [8, 16]
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "beta")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    if skip_op:
+        nodes.append(helper.make_node("SkipLayerNormalization", ["h", "x", "gamma", "beta"], ["y"],
+                                      domain="com.microsoft", epsilon=1e-12))
+    else:
+        nodes += [helper.make_node("Add", ["h", "x"], ["s"]),
+                  helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"],
+                                   epsilon=1e-12)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, shape)],
+                              [helper.make_tensor_value_info("y", 1, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _ort_optimized_ops(proto: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(str(tmp_path / "optimized.onnx")))
+
+
+@pytest.mark.parametrize("skip_op", [False, True], ids=["add-layernorm", "skiplayernorm"])
+def test_flattened_layer_norm_same_values_and_no_skiplayernorm_kernel(skip_op, tmp_path):
+    from onnxopt.passes.quantize_kernels import flatten_layer_norms
+
+    model = _residual_block(skip_op)
+    assert "SkipLayerNormalization" in _ort_optimized_ops(model, tmp_path)
+    flat, count = flatten_layer_norms(model)
+    assert count == 1
+    onnx.checker.check_model(flat, full_check=True)
+    assert "SkipLayerNormalization" not in _ort_optimized_ops(flat, tmp_path)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 8, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(flat, x), run(model, x, opt_level="disabled"), atol=1e-5)
+
+
+def test_flattening_leaves_2d_layer_norms_alone():
+    from onnxopt.passes.quantize_kernels import flatten_layer_norms
+
+    # ORT fuses only 3-D sums: a 2-D one already runs the fast LayerNormalization kernel.
+    assert flatten_layer_norms(_residual_block(False, rank=2))[1] == 0
