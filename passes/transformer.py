@@ -3,8 +3,9 @@
 Attention, SkipLayerNormalization, BiasGelu/FastGelu/Gelu come from onnxscript's ORT fusions
 (``optimize_for_ort``), which are written for the dynamo exporter's graphs; ORT's own
 ``onnxruntime.transformers.optimizer`` fuses no Attention on those (INT8-NOTES lesson 5).
-EmbedLayerNormalization, which onnxscript lacks, comes from :mod:`fusion_embed`. The result needs
-ONNX Runtime.
+EmbedLayerNormalization, which onnxscript lacks, comes from :mod:`fusion_embed`. The Attention
+nodes are then put in the form ORT's dynamic quantizer turns into QAttention
+(:mod:`transformer_mask`). The result needs ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from onnxopt.metrics import Budget
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.fusion_embed import CONTRIB, embed_layer_norm_rules
+from onnxopt.passes.transformer_mask import quantizable_attention
 from onnxopt.recipes import register_recipe
 from onnxopt.registry import OptPass, option, register
 
@@ -36,6 +38,9 @@ class FuseTransformerConfig:
     embed_layer_norm: bool = option(True, "Fuse the embedding block into EmbedLayerNormalization.")
     fold_size_limit: int = option(
         1 << 22, "Largest constant (elements) folded after fusion (e.g. packed QKV weights).")
+    quantizable_attention: bool = option(
+        True, "Write Attention as ORT's quantizer needs for QAttention: no qkv_hidden_sizes when "
+              "Q, K, V sizes agree; a probed padding-mask bias as the raw 2-D mask_index.")
 
 
 @register
@@ -61,13 +66,19 @@ class FuseTransformerPass(OptPass):
             if n:
                 fired["embed_layer_normalization"] = n
         if not fired:
-            self.notes = {"fusions": {}, "contrib_ops": dict(_contrib_ops(model))}
-            return ir.passes.PassResult(model, False)
+            # Attention fused earlier (or by another tool) may still need the QAttention form.
+            rewritten = quantizable_attention(model) if cfg.quantizable_attention else {}
+            fired = {k: n for k, n in rewritten.items() if n}
+            self.notes = {"fusions": fired, "contrib_ops": dict(_contrib_ops(model))}
+            return ir.passes.PassResult(model, bool(fired))
         # Attention takes one packed QKV weight, which the fusion builds with a Concat of the
         # three initializers: fold it so the runtime does not re-concatenate every call.
         FoldConstantsPass(shape_inference=False, input_size_limit=cfg.fold_size_limit,
                           output_size_limit=cfg.fold_size_limit)(fused)
         common.RemoveUnusedNodesPass()(fused)
+        if cfg.quantizable_attention:
+            rewritten = {k: n for k, n in quantizable_attention(fused).items() if n}
+            fired.update(rewritten)
         common.RemoveUnusedOpsetsPass()(fused)
         replace_contents(model, fused)
         self.notes = {"fusions": fired, "contrib_ops": dict(_contrib_ops(model))}

@@ -63,6 +63,14 @@ def test_minilm_gets_every_fusion(minilm: dict) -> None:
                    and n.outputs[0].uses()[0].node.op_type == "Attention"
                    for n in minilm["fused"].graph)
     onnx.checker.check_model(ir.serde.serialize_model(minilm["fused"]))
+    # The form ORT's quantizer turns into QAttention: no qkv_hidden_sizes, the padding mask as
+    # the raw int32 mask_index (input 3) read straight from attention_mask, no attention_bias.
+    for node in (n for n in minilm["fused"].graph if n.op_type == "Attention"):
+        assert "qkv_hidden_sizes" not in node.attributes
+        assert len(node.inputs) == 4
+        cast = node.inputs[3].producer()
+        assert cast.op_type == "Cast" and cast.inputs[0].name == "attention_mask"
+    assert minilm["notes"]["fusions"]["mask_index_from_bias"] == 6
 
 
 @pytest.mark.slow
@@ -82,7 +90,7 @@ def test_budget_catches_a_fusion_that_drops_the_mask(minilm: dict) -> None:
     """The budget has teeth: one Attention without its mask (a plausible fusion bug) fails it."""
     broken = minilm["fused"].clone()
     attention = next(n for n in broken.graph if n.op_type == "Attention")
-    attention.replace_input_with(5, None)  # the additive attention mask
+    attention.replace_input_with(3, None)  # the padding mask (mask_index)
     unfused = run(minilm["unfused"], minilm["feeds"])
     assert TRANSFORMER_BUDGET.check(unfused, run(broken, minilm["feeds"])) is not None
 
@@ -200,3 +208,137 @@ g (float[N,4] x) => (float[N,3] y) {
     result = FuseTransformerPass()(model)
     assert result.modified is False
     assert [n.op_type for n in model.graph] == ["Gemm", "Relu"]
+
+
+def _attention_block(keep_lines: str, fill: str = "neg",
+                     qkv_sizes: tuple[int, int, int] = (8, 8, 8)) -> ir.Model:
+    """One com.microsoft Attention (2 heads, hidden 8) whose attention_bias is built as the
+    dynamo export does: ``keep_lines`` give the kept keys ``keep4`` ([B, 1, 1, S] bool), expanded
+    to [B, 1, S, S] and mapped to 0 where kept, ``fill`` (float min) where padded."""
+    text = f"""<ir_version: 8, opset_import: ["" : 18, "com.microsoft" : 1]>
+g (float[B,S,8] x, int64[B,S] input_ids, int64[B,S] attention_mask) => (float[B,S,8] y) {{
+  keep = Cast <to = 9> (attention_mask)
+{keep_lines}
+  bsz = Shape <start = 0, end = 1> (attention_mask)
+  seq = Shape <start = 1, end = 2> (attention_mask)
+  full_shape = Concat <axis = 0> (bsz, one, seq, seq)
+  keep_full = Expand(keep4, full_shape)
+  bias = Where(keep_full, zero, {fill})
+  y = com.microsoft.Attention <num_heads = 2, qkv_hidden_sizes = {list(qkv_sizes)}> (
+      x, w, b, , , bias)
+}}"""
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    rng = np.random.default_rng(0)
+    width = sum(qkv_sizes)
+    arrays = {"w": rng.normal(0, 0.5, (8, width)).astype(np.float32),
+              "b": rng.normal(0, 0.1, width).astype(np.float32),
+              "axes": np.array([1, 2], np.int64), "zero": np.array(0.0, np.float32),
+              "neg": np.array(np.finfo(np.float32).min, np.float32),
+              "weak": np.array(-1.0, np.float32), "one": np.array([1], np.int64),
+              "end": np.array([np.iinfo(np.int64).min], np.int64),
+              "back": np.array([-1], np.int64)}
+    for node in model.graph:
+        for i, inp in enumerate(node.inputs):
+            if inp is not None and inp.name in arrays and inp.const_value is None:
+                value = model.graph.initializers.get(inp.name)
+                if value is None:
+                    value = ir.Value(name=inp.name, const_value=ir.tensor(arrays[inp.name]))
+                    model.graph.register_initializer(value)
+                node.replace_input_with(i, value)
+    return model
+
+
+STANDARD_MASK = "  keep4 = Unsqueeze(keep, axes)"
+
+
+def _attention_feeds() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    mask = np.ones((3, 6), np.int64)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0
+    return {"x": rng.normal(size=(3, 6, 8)).astype(np.float32),
+            "input_ids": rng.integers(0, 50, (3, 6)), "attention_mask": mask}
+
+
+def test_padding_bias_becomes_mask_index_with_identical_outputs() -> None:
+    before = _attention_block(STANDARD_MASK)
+    after = before.clone()
+    fuse_pass = FuseTransformerPass()
+    assert fuse_pass(after).modified is True
+    assert fuse_pass.notes["fusions"] == {"qkv_hidden_sizes_dropped": 1,
+                                          "mask_index_from_bias": 1}
+    attention = next(n for n in after.graph if n.op_type == "Attention")
+    assert "qkv_hidden_sizes" not in attention.attributes
+    assert [v.name if v else None for v in attention.inputs][3] == "attention_mask_mask_index"
+    assert len(attention.inputs) == 4
+    assert not any(n.op_type == "Where" for n in after.graph)  # the bias subgraph is gone
+    feeds = _attention_feeds()
+    np.testing.assert_allclose(run(after, feeds), run(before, feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_static_shapes_are_probed_at_their_own_size() -> None:
+    """A model exported for batch 3, seq 6 is probed at that size (any other would not run)."""
+    before = _attention_block(STANDARD_MASK)
+    text = onnx.printer.to_text(ir.serde.serialize_model(before)).replace("[B,S", "[3,6")
+    before = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    after = before.clone()
+    fuse_pass = FuseTransformerPass()
+    fuse_pass(after)
+    assert fuse_pass.notes["fusions"]["mask_index_from_bias"] == 1
+    feeds = _attention_feeds()
+    np.testing.assert_allclose(run(after, feeds), run(before, feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_quantizable_attention_becomes_qattention(tmp_path) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    before = _attention_block(STANDARD_MASK)
+    after = before.clone()
+    FuseTransformerPass()(after)
+    ops = {}
+    for name, model in (("before", before), ("after", after)):
+        onnx.save(ir.serde.serialize_model(model), tmp_path / f"{name}.onnx")
+        quantize_dynamic(str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}-q.onnx"),
+                         op_types_to_quantize=["Attention"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        ops[name] = Counter(n.op_type for n in onnx.load(tmp_path / f"{name}-q.onnx").graph.node)
+    assert ops["before"]["QAttention"] == 0 and ops["before"]["Attention"] == 1
+    assert ops["after"]["QAttention"] == 1 and ops["after"]["Attention"] == 0
+    feeds = _attention_feeds()
+    session = runner.reference_session(str(tmp_path / "after-q.onnx"))
+    quantized = next(iter(runner.run(session, feeds).values()))
+    assert cosine_similarity(run(before, feeds), quantized) >= 0.99
+
+
+@pytest.mark.parametrize("case, keep_lines, fill", [
+    ("too weak to mask", STANDARD_MASK, "weak"),
+    ("keys reversed", """  flipped = Slice(keep, back, end, one, back)
+  keep4 = Unsqueeze(flipped, axes)""", "neg"),
+    ("reads two inputs", """  ids = Cast <to = 9> (input_ids)
+  both = And(keep, ids)
+  keep4 = Unsqueeze(both, axes)""", "neg"),
+])
+def test_biases_that_are_not_the_padding_mask_stay(case: str, keep_lines: str, fill: str) -> None:
+    model = _attention_block(keep_lines, fill)
+    fuse_pass = FuseTransformerPass()
+    fuse_pass(model)
+    assert fuse_pass.notes["fusions"] == {"qkv_hidden_sizes_dropped": 1}, case
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert attention.inputs[5] is not None and attention.inputs[3] is None
+
+
+def test_unequal_qkv_sizes_keep_the_attribute() -> None:
+    model = _attention_block(STANDARD_MASK, qkv_sizes=(8, 8, 16))
+    fuse_pass = FuseTransformerPass()
+    fuse_pass(model)
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert attention.attributes["qkv_hidden_sizes"].as_ints() == (8, 8, 16)
+    assert fuse_pass.notes["fusions"] == {"mask_index_from_bias": 1}
+
+
+def test_quantizable_attention_can_be_turned_off() -> None:
+    model = _attention_block(STANDARD_MASK)
+    config = pass_class("fuse-transformer").Config(quantizable_attention=False)
+    assert FuseTransformerPass(config)(model).modified is False
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert "qkv_hidden_sizes" in attention.attributes and attention.inputs[5] is not None
