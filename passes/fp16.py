@@ -32,6 +32,7 @@ import onnxruntime as ort
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from onnxopt.feeds import Feeds, synthesize_feeds
+from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.metrics import Budget
 from onnxopt.passes.fp16_kernels import AARCH64_FP16_OPS, PROBED_OPS, probe_model, runs_in_fp16
 from onnxopt.passes.fp16_ranges import activation_ranges, nodes_to_keep
@@ -74,6 +75,11 @@ class Fp16Pass(OptPass):
         return FP16_BUDGET
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with outputs_with_producers(model) as aliased:
+            result = self._convert(model)
+        return ir.passes.PassResult(model, result.modified or bool(aliased))
+
+    def _convert(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: Fp16Config = self.config
         op_types = {n.op_type for n in model.graph.all_nodes() if n.domain in ("", "ai.onnx")}
         no_kernel = no_fp16_kernel(op_types, cfg.kernels, model.opset_imports.get("", 17))

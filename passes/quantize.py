@@ -38,6 +38,7 @@ import onnx_ir as ir
 from onnxopt import runner
 from onnxopt.calibration import CalibrationData, open_calibration
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError
+from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.feeds import Feeds, check_feeds, input_specs, synthesize_feeds
 from onnxopt.metrics import Budget, sqnr_db
 from onnxopt.passes.fusion import replace_contents
@@ -166,8 +167,10 @@ class QuantizePass(OptPass):
             self.notes["target"]["latency_note"] = (
                 f"latency not measured: target {target.name} is not this machine "
                 f"({cpu.target_name}); INT8 is assumed to pay there: confirm on the device")
-        with tempfile.TemporaryDirectory(prefix="onnxopt-quantize-") as tmp:
-            return self._run(model, cfg, target, measurable, Path(tmp))
+        with (tempfile.TemporaryDirectory(prefix="onnxopt-quantize-") as tmp,
+              outputs_with_producers(model) as aliased):
+            result = self._run(model, cfg, target, measurable, Path(tmp))
+        return ir.passes.PassResult(model, result.modified or bool(aliased))
 
     def _run(self, model: ir.Model, cfg: QuantizeConfig, target: QuantTarget, measurable: bool,
              tmp: Path) -> ir.passes.PassResult:
