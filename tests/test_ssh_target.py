@@ -209,3 +209,29 @@ def test_target_specs() -> None:
     cmd = parse_target("ssh://pi@h:2222", ssh_options=["IdentityFile=/k"]).ssh_command("true")
     assert cmd[:3] == ["ssh", "-p", "2222"] and "IdentityFile=/k" in cmd and "BatchMode=yes" in cmd
     assert cmd[-2:] == ["pi@h", "true"]
+
+
+@pytest.mark.slow
+def test_bootstrap_creates_a_venv_with_this_onnxruntime(sshd: dict, tmp_path: Path) -> None:
+    """--bootstrap end to end: the "board" (this machine's system python3, which has no
+    onnxruntime) gets a venv with this machine's onnxruntime version, and the run uses it."""
+    venv = tmp_path / "board-venv"
+    ssh = target(sshd, bootstrap=True, venv=str(venv))
+    try:
+        ssh.call("python3 -c 'import ensurepip, venv'", what="probe")
+    except TargetError:
+        pytest.skip("the target's python3 cannot create venvs (Debian: apt-get install python3-venv)")
+    try:
+        doc = ssh.run(model_with_external_data(tmp_path), RunOptions(warmup=0, iterations=1))
+    except TargetError as exc:
+        fetch = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                                "-d", str(tmp_path / "wheels"), f"onnxruntime=={ort.__version__}"],
+                               capture_output=True, check=False)
+        if fetch.returncode != 0:  # no package index reachable from here: nothing to install
+            pytest.skip(f"pip cannot fetch onnxruntime=={ort.__version__} here: {exc}")
+        raise
+    assert (venv / "bin" / "python").is_file()
+    assert doc["target"]["python"] == f"{venv}/bin/python"
+    assert doc["target"]["onnxruntime"] == {"local": ort.__version__,
+                                            "remote": ort.__version__, "match": True}
+    assert doc["target"]["notes"] == []
