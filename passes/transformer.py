@@ -32,6 +32,13 @@ from onnxopt.registry import OptPass, option, register
 # dropping one SkipLayerNorm bias by 0.36.
 TRANSFORMER_BUDGET = Budget("allclose", rtol=1e-3, atol=1e-4)
 
+# Every fusion here starts from one of these: attention from Softmax (or an already fused
+# Attention), (Skip)LayerNorm from LayerNormalization or its ReduceMean form, the GELUs from Erf or
+# Tanh, RMSNorm from ReduceMean, rotary embeddings from Sin/Cos, the embedding block from
+# LayerNormalization.
+TRANSFORMER_OPS = frozenset({"Softmax", "Attention", "LayerNormalization", "ReduceMean", "Erf",
+                             "Tanh", "Gelu", "SimplifiedLayerNormalization", "Sin", "Cos"})
+
 
 @dataclasses.dataclass
 class FuseTransformerConfig:
@@ -56,10 +63,24 @@ class FuseTransformerPass(OptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: FuseTransformerConfig = self.config
+        ops = {n.op_type for n in model.graph.all_nodes()}
+        if not ops & TRANSFORMER_OPS:
+            # The `int8` recipe runs this pass on every model: a CNN or MLP skips the clone and
+            # the rewriter (a 2 GB MLP would otherwise be copied and folded for nothing).
+            self.notes = {"fusions": {}, "skipped": "no op any transformer fusion starts from "
+                          f"({', '.join(sorted(TRANSFORMER_OPS))})"}
+            return ir.passes.PassResult(model, False)
         # onnxscript's ORT optimizer also rewrites what is not a transformer (every Gemm back to
         # MatMul + Add, for one), so it works on a copy that is adopted only if a fusion fired.
         candidate = model.clone()
-        fused, counts = optimize_for_ort(candidate)
+        try:
+            fused, counts = optimize_for_ort(candidate)
+        except Exception as exc:  # noqa: BLE001 - onnxscript's rules on graphs they were not written for
+            # Best effort, as in the `int8` recipe: the model is untouched (the rewriter worked
+            # on a copy), the report says why nothing was fused.
+            self.notes = {"fusions": {}, "skipped": f"onnxscript's fusions failed: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            return ir.passes.PassResult(model, False)
         fired = {name: n for name, n in counts.items() if n}
         if cfg.embed_layer_norm:
             n = embed_layer_norm_rules().apply_to_model(fused)

@@ -191,13 +191,17 @@ def test_transformer_recipe_through_the_pipeline() -> None:
     assert contrib_ops(fused) == Counter({"EmbedLayerNormalization": 1})
 
 
-def test_models_without_transformer_blocks_are_left_alone() -> None:
-    """onnxscript's ORT optimizer turns every Gemm into MatMul + Add; nothing fused: no change."""
-    text = """<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,4] x) => (float[N,3] y) {
+@pytest.mark.parametrize("tail", ["Relu", "Softmax"])
+def test_models_without_transformer_blocks_are_left_alone(tail: str) -> None:
+    """onnxscript's ORT optimizer turns every Gemm into MatMul + Add; nothing fused: no change.
+
+    With a Softmax the rewriter runs (on a copy, dropped); without any op a transformer fusion
+    starts from, it is not run at all, as the `int8` recipe needs for CNNs and MLPs."""
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,3] y) {{
   h = Gemm <transB = 1> (x, w, b)
-  y = Relu(h)
-}"""
+  y = {tail}(h)
+}}"""
     model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
     rng = np.random.default_rng(0)
     for name, shape in (("w", (3, 4)), ("b", (3,))):
@@ -205,9 +209,11 @@ g (float[N,4] x) => (float[N,3] y) {
         value = ir.Value(name=name, const_value=ir.tensor(array))
         model.graph.node(0).replace_input_with(1 if name == "w" else 2, value)
         model.graph.register_initializer(value)
-    result = FuseTransformerPass()(model)
+    fuse = FuseTransformerPass()
+    result = fuse(model)
     assert result.modified is False
-    assert [n.op_type for n in model.graph] == ["Gemm", "Relu"]
+    assert [n.op_type for n in model.graph] == ["Gemm", tail]
+    assert ("skipped" in fuse.notes) == (tail == "Relu")
 
 
 def _attention_block(keep_lines: str, fill: str = "neg",
@@ -342,3 +348,28 @@ def test_quantizable_attention_can_be_turned_off() -> None:
     assert FuseTransformerPass(config)(model).modified is False
     attention = next(n for n in model.graph if n.op_type == "Attention")
     assert "qkv_hidden_sizes" in attention.attributes and attention.inputs[5] is not None
+
+
+def test_int8_recipe_quantizes_attention_into_qattention() -> None:
+    """The `int8` recipe runs fuse-transformer, so ORT's dynamic quantizer sees an Attention it
+    can turn into QAttention (the QKV projection in INT8)."""
+    import onnxopt
+
+    model = _attention_block(STANDARD_MASK)
+    attention = model.graph.outputs[0]  # add an output projection, as every transformer has
+    weight = ir.Value(name="w_out", const_value=ir.tensor(
+        np.random.default_rng(1).normal(0, 0.5, (8, 8)).astype(np.float32)))
+    model.graph.register_initializer(weight)
+    projection = ir.node("MatMul", [attention, weight])
+    projected = projection.outputs[0]
+    projected.name, projected.type, projected.shape = "z", attention.type, attention.shape
+    model.graph.append(projection)
+    model.graph.outputs[0] = projected
+    feeds = _attention_feeds()
+    out, report = onnxopt.optimize(
+        model.clone(), "int8", calibration=[feeds],
+        overrides={"quantize.measure_latency": False, "quantize.mode": "dynamic"})
+    assert [p.name for p in report.passes] == ["cleanup", "fuse", "fuse-transformer", "quantize"]
+    ops = Counter(n.op_type for n in out.graph.all_nodes())
+    assert ops["QAttention"] == 1 and ops["Attention"] == 0
+    assert cosine_similarity(run(model, feeds), run(out, feeds)) >= 0.99

@@ -347,7 +347,8 @@ def test_bad_options_are_input_errors() -> None:
 
 def test_int8_recipe_fuses_before_quantizing() -> None:
     name, steps = load_recipe("int8")
-    assert name == "int8" and [s.name for s in steps] == ["cleanup", "fuse", "quantize"]
+    assert name == "int8"
+    assert [s.name for s in steps] == ["cleanup", "fuse", "fuse-transformer", "quantize"]
 
 
 # --- residual LayerNorms kept out of ORT's SkipLayerNormalization kernel ----------------------
