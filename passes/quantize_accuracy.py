@@ -11,6 +11,7 @@ The *drop* is how much worse a candidate scores than the FP32 model, in the metr
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,11 +54,20 @@ def top1_score(outputs: Outputs, target: Any) -> float:
 
 
 def cosine_score(outputs: Outputs, target: Outputs) -> float:
-    """Mean over samples of the cosine between all float outputs and the reference's."""
+    """Mean over samples of the cosine between all float outputs and the reference's.
+
+    The batch is the leading size most outputs share; an output without it (a constant, such
+    as an initializer that is also a graph output) counts whole in every sample's row.
+    """
+    floats = [k for k, v in target.items() if v.dtype.kind == "f" and v.ndim > 0]
+    sizes = Counter(len(target[k]) for k in floats)
+    batch = max(sizes, key=lambda n: (sizes[n], n)) if sizes else 1
+
     def rows(out: Outputs) -> np.ndarray:
-        parts = [v.reshape(len(v), -1).astype(np.float64) for v in out.values()
-                 if v.dtype.kind == "f" and v.ndim > 0]
-        return np.concatenate(parts, axis=1)
+        parts = [out[k].reshape(batch, -1) if len(out[k]) == batch
+                 else np.broadcast_to(out[k].reshape(1, -1), (batch, out[k].size))
+                 for k in floats]
+        return np.concatenate([p.astype(np.float64) for p in parts], axis=1)
 
     a, b = rows(outputs), rows(target)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)

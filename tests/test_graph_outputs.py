@@ -55,3 +55,27 @@ def test_outputs_keep_names_types_and_values(outputs: list[str], recipe: str) ->
             cosine = float(np.dot(got.ravel(), want.ravel())
                            / (np.linalg.norm(got) * np.linalg.norm(want)))
             assert cosine > 0.99, (name, cosine)
+
+
+@pytest.mark.parametrize("extra", [["--recipe", "fp16"],
+                                   ["--recipe", "int8", "--set", "quantize.measure_latency=false"],
+                                   ["--recipe", "int8", "--set", "quantize.measure_latency=false",
+                                    "--calib", "CALIB"]],
+                         ids=["fp16", "int8", "int8-calibrated"])
+def test_the_fuzz_finding_is_optimized(extra: list[str], tmp_path) -> None:
+    """fuzz_corpus ``unusual`` seed 1002 (outputs ``y``, the input ``x`` and the initializer
+    ``w``) failed in fp16, in quantize, and in quantize's cosine (``w`` has no batch axis)."""
+    from fuzz_corpus import make_case
+
+    from onnxopt.cli import main
+
+    source = tmp_path / "case.onnx"
+    source.write_bytes(make_case("unusual", 1002).data)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    argv = ["optimize", str(source), "-o", str(out),
+            *[str(calib) if a == "CALIB" else a for a in extra]]
+    assert main(argv) == 0
+    before = ort.InferenceSession(str(source))
+    assert _signature(ort.InferenceSession(str(out))) == _signature(before)
