@@ -62,15 +62,15 @@ def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int
     if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         # Too large for one protobuf; the tensors dominate, and are incompressible floats mostly.
         size = zipped = tensor_bytes(model)
-        proto = None
+        macs, unknown = {}, 0
     else:
         proto = ir.serde.serialize_model(model)
         size = proto.ByteSize()
-        zipped = _zipped_size(model, proto)
+        macs, unknown = _count_macs(proto, shapes)
+        zipped = _zipped_size(model, proto)  # last: it strips the proto's tensor bytes
     if file is not None:
         size, zipped = _file_sizes(Path(file))
     hist = collections.Counter(node.op_type for node in model.graph.all_nodes())
-    macs, unknown = (_count_macs(proto, shapes) if proto is not None else ({}, 0))
     return ModelStats(
         params=int(params),
         size_bytes=size,
@@ -89,6 +89,9 @@ _DEFLATED_BY_DIGEST: dict[bytes, int] = {}
 def _zipped_size(model: ir.Model, proto: onnx.ModelProto) -> int:
     """Deflate (level 6, as zip uses) of each initializer plus the rest of the model.
 
+    ``proto`` is ``model`` serialized; its tensors' ``raw_data`` is cleared (the caller is done
+    with it).
+
     Deflate's window is 32 KiB, so compressing tensors one by one is within a fraction of a per
     mille of compressing the whole file, and it lets unchanged tensors be looked up instead of
     recompressed: the pipeline measures the model after every pass.
@@ -102,11 +105,11 @@ def _zipped_size(model: ir.Model, proto: onnx.ModelProto) -> int:
         if key not in _DEFLATED_BY_DIGEST:
             _DEFLATED_BY_DIGEST[key] = len(zlib.compress(data, 6))
         total += _DEFLATED_BY_DIGEST[key]
-    structure = onnx.ModelProto()
-    structure.CopyFrom(proto)
-    for tensor in structure.graph.initializer:
+    # The rest of the model: ``proto`` without its tensor bytes. Cleared in place, not copied
+    # first: a copy doubled a 0.6 GB model in memory (share-weights' output of a 2.3 GB model).
+    for tensor in proto.graph.initializer:
         tensor.ClearField("raw_data")
-    return total + len(zlib.compress(structure.SerializeToString(), 6))
+    return total + len(zlib.compress(proto.SerializeToString(), 6))
 
 
 def _file_sizes(path: Path) -> tuple[int, int]:

@@ -21,7 +21,9 @@ de-duplication, which this pass runs first for tensors of any size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -33,6 +35,7 @@ from onnxopt.passes.linear_layers import WEIGHT_OPS, Layer, check_patterns, find
 from onnxopt.passes.prune import unique_layers
 
 from onnxopt.metrics import Budget
+from onnxopt.model_io import release_mappings
 from onnxopt.registry import OptPass, option, register
 from onnxopt.stats import model_stats
 
@@ -102,14 +105,17 @@ class ShareWeightsPass(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: ShareWeightsConfig = self.config
         before = model_stats(model)
-        exact = common_passes.DeduplicateInitializersPass(size_limit=1 << 62)(model).modified
+        # Hashed: the plain pass keys a dict by every tensor's bytes, a copy of all weights.
+        exact = common_passes.DeduplicateHashedInitializersPass(size_limit=1 << 62)(model).modified
+        release_mappings(model)  # hashing read every weight; each is mapped again when used
         layers = select_layers(model, cfg)
         bits = [layer_bits(layer, cfg) for layer in layers]
         if cfg.index_dtype == "auto" and any(b <= 4 for b in bits) and upgrade_for_uint4(model):
             layers = select_layers(model, cfg)
         index = index_dtype_for(model, cfg.index_dtype)
         batches = self.context.calibration if cfg.refit else None
-        references = [(layer.to_rows(layer.weight_array()), layer.bias_array()) for layer in layers]
+        references = [(layer.to_rows(layer.weight_array()), layer.bias_array()) if batches else None
+                      for layer in layers]  # what the refit reconstructs; no refit, no copies
         ref_inputs = (layer_refit.capture(model, [layer.input for layer in layers], batches)
                       if batches and layers else None)
         merged = merge_near_duplicates(model.graph, layers, cfg.merge_tolerance)
@@ -164,25 +170,44 @@ def index_dtype_for(model: ir.Model, requested: str) -> Literal["uint4", "uint8"
 
 
 # ---------------------------------------------------------------------------------------- k-means
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 50, chunk: int = 1 << 20
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's algorithm on scalars with linear initialisation: ``(centroids, assignment)``.
 
     In 1-D the nearest centroid is found by bisection on the midpoints, so one iteration costs
     O(n log k); no library offers 1-D k-means with this initialisation without the n x k distances.
+    It works a chunk at a time and keeps the assignment in the smallest integer type, so a layer
+    of 16 M weights needs tens of MB beside them, not the ~0.6 GB of whole-array float64 and
+    int64 temporaries (big models: peak memory).
     """
-    v = values.astype(np.float64).ravel()
-    centroids = np.linspace(v.min(), v.max(), k)
-    assignment = np.searchsorted((centroids[:-1] + centroids[1:]) / 2, v)
+    v = values.reshape(-1)
+    centroids = np.linspace(float(v.min()), float(v.max()), k)
+    assignment = np.empty(v.size, dtype=np.min_scalar_type(k - 1))
+    spans = [(start, min(start + chunk, v.size)) for start in range(0, v.size, chunk)]
+
+    def nearest(lo: int, hi: int) -> np.ndarray:
+        return np.searchsorted((centroids[:-1] + centroids[1:]) / 2,
+                               v[lo:hi].astype(np.float64)).astype(assignment.dtype)
+
+    for lo, hi in spans:
+        assignment[lo:hi] = nearest(lo, hi)
     for _ in range(iterations):
-        sums = np.bincount(assignment, weights=v, minlength=k)
-        counts = np.bincount(assignment, minlength=k)
+        sums = np.zeros(k)
+        counts = np.zeros(k, dtype=np.int64)
+        for lo, hi in spans:
+            sums += np.bincount(assignment[lo:hi], weights=v[lo:hi].astype(np.float64),
+                                minlength=k)
+            counts += np.bincount(assignment[lo:hi], minlength=k)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled]
         centroids.sort()
-        new = np.searchsorted((centroids[:-1] + centroids[1:]) / 2, v)
-        if np.array_equal(new, assignment):
+        moved = False
+        for lo, hi in spans:
+            new = nearest(lo, hi)
+            moved = moved or not np.array_equal(new, assignment[lo:hi])
+            assignment[lo:hi] = new
+        if not moved:
             break
-        assignment = new
     return centroids, assignment
 
 
@@ -199,25 +224,39 @@ def cluster(array: np.ndarray, bits: int, iterations: int = 50) -> Clustered:
     codes = np.zeros(flat.size, dtype=np.uint8)
     if nonzero.size == 0:
         return Clustered(codes.reshape(array.shape), np.zeros(1, np.float32), True)
-    distinct, inverse = np.unique(nonzero, return_inverse=True)
-    if distinct.size <= k:  # nothing to approximate: the values are the codebook
-        centroids, assignment = distinct.astype(np.float64), inverse.reshape(-1)
+    distinct = _distinct_if_at_most(nonzero, k)
+    if distinct is not None:  # nothing to approximate: the values are the codebook
+        centroids = distinct.astype(np.float64)
+        assignment = np.searchsorted(distinct, nonzero).astype(np.uint8)
     else:
         centroids, assignment = kmeans_1d(nonzero, k, iterations)
         used = np.unique(assignment)
-        remap = np.zeros(k, dtype=np.int64)
+        remap = np.zeros(k, dtype=assignment.dtype)
         remap[used] = np.arange(used.size)
         centroids, assignment = centroids[used], remap[assignment]
-    offset = 1 if zero_code else 0
-    codes[~zero] = assignment + offset
+    codes[~zero] = assignment + (1 if zero_code else 0)  # k <= 255 when a zero code is taken
     codebook = np.concatenate([[0.0] if zero_code else [], centroids]).astype(np.float32)
     return Clustered(codes.reshape(array.shape), codebook, zero_code)
+
+
+def _distinct_if_at_most(values: np.ndarray, k: int, sample: int = 4096) -> np.ndarray | None:
+    """The sorted distinct values when there are at most ``k``, else None. A strided sample
+    with more than ``k`` settles it without sorting a copy of every weight."""
+    step = max(1, values.size // sample)
+    if np.unique(values[::step]).size > k:
+        return None
+    distinct = np.unique(values)
+    return distinct if distinct.size <= k else None
 
 
 # ---------------------------------------------------------------------------------------- merging
 def merge_near_duplicates(graph: ir.Graph, layers: Sequence[Layer], tolerance: float
                           ) -> list[dict[str, Any]]:
-    """Store weights of equal shape within ``tolerance`` (relative L2) once, as their mean."""
+    """Store weights of equal shape within ``tolerance`` (relative L2) once, as their mean.
+
+    Weights are read again for every pair instead of being held: keeping every weight of a shape
+    in float64 at once cost twice the model's size (a 2.3 GB model peaked at 3.4x its size).
+    """
     if tolerance <= 0:
         return []
     groups: dict[tuple[tuple[int, ...], str], list[Layer]] = {}
@@ -226,19 +265,26 @@ def merge_near_duplicates(graph: ir.Graph, layers: Sequence[Layer], tolerance: f
         groups.setdefault((array.shape, str(array.dtype)), []).append(layer)
     merged: list[dict[str, Any]] = []
     for members in groups.values():
-        arrays = [m.weight_array().astype(np.float64) for m in members]
-        norms = [float(np.linalg.norm(a)) for a in arrays]
+        if len(members) < 2:
+            continue
+        norms = [_distance(None, m) for m in members]
         taken = [False] * len(members)
         for i in range(len(members)):
             if taken[i]:
                 continue
-            distance = {j: float(np.linalg.norm(arrays[i] - arrays[j]))
+            base = members[i].weight_array()
+            distance = {j: _distance(base, members[j])
                         for j in range(i + 1, len(members)) if not taken[j]}
             group = [i] + [j for j, d in distance.items()
                            if d <= tolerance * max(norms[i], norms[j])]
-            if len(group) < 2:
+            total = base.astype(np.float64) if len(group) > 1 else None
+            del base
+            _unmap(members[i].weight.const_value)
+            if total is None:
                 continue
-            mean = np.mean([arrays[j] for j in group], axis=0).astype(np.float32)
+            for j in group[1:]:
+                total += members[j].weight_array()
+            mean = (total / len(group)).astype(np.float32)
             keep = members[i]
             keep.weight = weight_storage.store_dense(graph, keep.weight, mean)
             for j in group[1:]:
@@ -247,6 +293,31 @@ def merge_near_duplicates(graph: ir.Graph, layers: Sequence[Layer], tolerance: f
                 merged.append({"layer": members[j].name, "into": keep.name,
                                "relative_distance": round(distance[j] / max(norms[i], 1e-30), 8)})
     return merged
+
+
+def _distance(base: np.ndarray | None, layer: Layer, chunk: int = 1 << 20) -> float:
+    """L2 norm of ``layer``'s weight minus ``base`` (or of the weight alone) in float64, a chunk at
+    a time so no float64 copy of a whole weight is made; then the weight is unmapped if it is a
+    big model's, so comparing all pairs does not keep every page resident."""
+    weight = layer.weight_array().reshape(-1)
+    flat = None if base is None else base.reshape(-1)
+    total = 0.0
+    for start in range(0, weight.size, chunk):
+        part = weight[start:start + chunk].astype(np.float64)
+        if flat is not None:
+            part -= flat[start:start + chunk]
+        total += float(np.dot(part, part))
+    del weight
+    _unmap(layer.weight.const_value)
+    return math.sqrt(total)
+
+
+def _unmap(tensor: ir.TensorProtocol | None) -> None:
+    """Drop a big model's memory map of ``tensor`` (read again on use): its pages stop counting
+    as this process's memory. The caller's model keeps the same tensor object alive."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of the map is still in use
+            tensor.release()
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -260,7 +331,7 @@ class LayerResult:
 
 
 def cluster_layers(model: ir.Model, layers: Sequence[Layer], bits: Sequence[int],
-                   references: Sequence[tuple[np.ndarray, np.ndarray | None]],
+                   references: Sequence[tuple[np.ndarray, np.ndarray | None] | None],
                    ref_inputs: list[list[np.ndarray]] | None, batches: Any,
                    cfg: ShareWeightsConfig, index: Literal["uint4", "uint8"]
                    ) -> list[dict[str, Any]]:
@@ -271,14 +342,16 @@ def cluster_layers(model: ir.Model, layers: Sequence[Layer], bits: Sequence[int]
         result = cluster_layer(model, layer, b, references[i],
                                None if ref_inputs is None else ref_inputs[i], batches,
                                changed, cfg)
+        original = layer.weight.const_value
         record = write_result(model.graph, layer, result, index)
+        _unmap(original)
         records.append(record)
         changed = changed or record["storage"] != "unchanged"
     return records
 
 
 def cluster_layer(model: ir.Model, layer: Layer, bits: int,
-                  reference: tuple[np.ndarray, np.ndarray | None],
+                  reference: tuple[np.ndarray, np.ndarray | None] | None,
                   ref_inputs: list[np.ndarray] | None, batches: Any, changed: bool,
                   cfg: ShareWeightsConfig, stats: layer_refit.LayerStats | None = None
                   ) -> LayerResult:
@@ -294,8 +367,9 @@ def cluster_layer(model: ir.Model, layer: Layer, bits: int,
                               "kept": int(np.count_nonzero(weight)),
                               "bytes_fp32": int(weight.size * 4)}
     fmt = weight_storage.stored_format(layer.weight)
-    distinct = np.unique(weight)
-    if fmt in ("codebook", "sparse-codebook") and distinct.size <= 2**bits:
+    distinct = (_distinct_if_at_most(weight.reshape(-1), 2**bits)
+                if fmt in ("codebook", "sparse-codebook") else None)
+    if distinct is not None:  # already a codebook this small
         record.update(storage="unchanged", codebook=int(distinct.size))
         return LayerResult(cluster(weight, bits, cfg.iterations), layer.bias_array(), record)
     clustered = cluster(weight, bits, cfg.iterations)
@@ -355,8 +429,12 @@ def store_clustered(graph: ir.Graph, layer: Layer, clustered: Clustered,
     """Encode as dense or sparse codes, whichever is smaller; report what was written."""
     dtype: Literal["uint4", "uint8"] = index if clustered.codebook.size <= 16 else "uint8"
     dense = weight_storage.codebook_bytes(clustered.codes, clustered.codebook, dtype, sparse=False)
+    # Sparse storage costs at least a gap byte and a code per nonzero; below that bound it is
+    # not built just to be measured (on a big layer, ~0.8 GB of int64 temporaries).
+    nonzero = int(np.count_nonzero(clustered.codes)) if clustered.zero_code else clustered.codes.size
+    may_pay = nonzero + weight_storage.code_bytes(nonzero, dtype) + clustered.codebook.nbytes < dense
     sparse = (weight_storage.codebook_bytes(clustered.codes, clustered.codebook, dtype, sparse=True)
-              if clustered.zero_code else dense + 1)
+              if clustered.zero_code and may_pay else dense + 1)
     use_sparse = sparse < dense
     layer.weight = weight_storage.store_codebook(graph, layer.weight, clustered.codes,
                                                  clustered.codebook, index_dtype=dtype,
