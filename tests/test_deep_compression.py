@@ -137,3 +137,32 @@ def test_many_layers_refit_independently_with_one_capture(monkeypatch: pytest.Mo
     cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     assert cosine.mean() >= 0.95 and notes["final"]["cosine"] >= 0.95
     assert notes["kept_pct"] < 100
+
+
+def test_an_output_that_became_zero_fails_the_cosine_budget() -> None:
+    """Found by the suite: random-weight MobileNetV2 outputs ~1e-11; its compressed copy gave
+    exact zeros and still scored cosine 1.0 (a zero norm counted as 'unchanged')."""
+    import onnx_ir as ir
+
+    from onnxopt.passes.deep_compression import Evaluator
+
+    model = ir.serde.deserialize_model(mlp_proto())
+    (spec,) = model.graph.inputs
+    width = spec.shape[-1]
+    feeds = {spec.name: np.random.default_rng(0).random((4, width), dtype=np.float32)}
+    evaluator = Evaluator(model, feeds, None, max_drop=0.5, min_cosine=0.99)
+    reference = evaluator.reference
+    zeros = {k: np.zeros_like(v) for k, v in reference.items()}
+    tiny = {k: v * 1e-12 for k, v in reference.items()}
+    assert evaluator.cosine(zeros) == 0.0
+    assert evaluator.cosine(tiny) == pytest.approx(1.0)  # scale alone is not a change
+
+
+def test_biases_float16_would_flush_stay_float32() -> None:
+    from onnxopt.passes.deep_compression import _holds_in_float16
+
+    rng = np.random.default_rng(0)
+    assert _holds_in_float16(rng.normal(0, 0.1, 64).astype(np.float32))
+    assert not _holds_in_float16((rng.normal(0, 1, 64) * 1e-11).astype(np.float32))
+    assert not _holds_in_float16(np.full(4, 1e6, np.float32))  # past float16's largest value
+    assert _holds_in_float16(np.zeros(4, np.float32))
