@@ -317,7 +317,8 @@ class Search:
         with layer_refit.single_threaded_blas():
             for layer, inputs, (rows, bias) in zip(self.layers, self.ref_inputs,
                                                    self.references):
-                stats.append(None if len(layer.weight.uses()) != 1 else layer_refit.accumulate(
+                refit = len(layer.weight.uses()) == 1 and layer_refit.can_refit(layer)
+                stats.append(None if not refit else layer_refit.accumulate(
                     layer, inputs, inputs, rows, bias, max_rows=self.cfg.calibration_rows,
                     seed=self.seed))
         return stats

@@ -165,6 +165,18 @@ class LayerStats:
         return self.hessian.shape[0]
 
 
+# Widest layer refit by least squares. Its statistics hold an (inputs + 1)^2 float64 matrix per
+# group and every solve factorizes it: 8,192 inputs are 0.5 GB. VGG's fc1 (25,088 inputs: 5 GB,
+# past the suite's 12 GB limit with its copies) and AlexNet's fc6 (9,216: minutes per candidate)
+# keep their magnitude-pruned or k-means weights unrefit.
+MAX_REFIT_INPUTS = 8192
+
+
+def can_refit(layer: Layer) -> bool:
+    """Whether ``layer`` is narrow enough for a least-squares refit (see MAX_REFIT_INPUTS)."""
+    return layer.layout(layer.weight_array()).shape[1] <= MAX_REFIT_INPUTS
+
+
 def accumulate(layer: Layer, inputs: Sequence[np.ndarray], ref_inputs: Sequence[np.ndarray],
                ref_rows: np.ndarray, ref_bias: np.ndarray | None, *, max_rows: int = 200_000,
                seed: int = 0) -> LayerStats:

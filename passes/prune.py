@@ -201,7 +201,7 @@ def apply_plans(model: ir.Model, plans: Sequence[LayerPlan], batches: Sequence[F
             "layer": layer.name, "op": layer.node.op_type, "weights": int(mask.size),
             "kept": int(np.count_nonzero(pruned)),
         }
-        trainable = len(layer.weight.uses()) == 1
+        trainable = len(layer.weight.uses()) == 1 and layer_refit.can_refit(layer)
         if batches and ref_inputs is not None and trainable and mask.any():
             inputs = (layer_refit.capture(model, [layer.input], batches)[0]
                       if changed else ref_inputs[i])

@@ -375,7 +375,7 @@ def cluster_layer(model: ir.Model, layer: Layer, bits: int,
     clustered = cluster(weight, bits, cfg.iterations)
     bias = layer.bias_array()
     refittable = stats is not None or (ref_inputs is not None and batches)
-    if refittable and len(layer.weight.uses()) == 1:
+    if refittable and len(layer.weight.uses()) == 1 and layer_refit.can_refit(layer):
         clustered, bias, errors = refit_codebook(model, layer, clustered, bias, reference,
                                                  ref_inputs, batches, changed, cfg, stats)
         record.update(errors)

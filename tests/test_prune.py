@@ -195,3 +195,19 @@ def test_stacked_masked_solves_match_one_solve_per_output(with_bias: bool) -> No
         assert np.all(rows[o, ~masks[o]] == 0)
     if with_bias:  # an output with nothing kept keeps its bias refit alone
         assert new_bias is not None and new_bias[0] != bias[0]
+
+
+@pytest.mark.parametrize("inputs, expected", [(784, True), (8192, True), (8193, False)])
+def test_layers_too_wide_for_a_refit_are_left_unrefit(inputs: int, expected: bool) -> None:
+    """VGG's 25,088-input fc1 would need a 5 GB Gram matrix (the suite's 12 GB limit stopped
+    deep-compression there); such layers keep their pruned weights without a refit."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((inputs, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight])
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    (layer,) = find_layers(model, ops=("MatMul",), exclude=[], min_elements=0)
+    assert layer_refit.can_refit(layer) is expected
