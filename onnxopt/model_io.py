@@ -139,9 +139,14 @@ def release_mappings(model: ir.Model) -> None:
     """
     for graph in model.graphs():
         for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                with contextlib.suppress(BufferError):  # a view of the map is still in use
-                    value.const_value.release()
+            release_mapping(value.const_value)
+
+
+def release_mapping(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap one external tensor (mapped again when next read); others are left as they are."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of the map is still in use
+            tensor.release()
 
 
 def is_big(model: ir.Model) -> bool:

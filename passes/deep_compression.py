@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 from onnxopt.passes import layer_refit, prune, share_weights, weight_storage
+from onnxopt.passes.fp16_ranges import MAX_CAST_ERROR, float16_cast_error
 from onnxopt.passes.linear_layers import WEIGHT_OPS, Layer, check_patterns, find_layers
 
 from onnxopt import evaluation
@@ -593,14 +594,10 @@ def compression_table(notes: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _holds_in_float16(bias: np.ndarray, max_error: float = 2e-3) -> bool:
-    """Whether float16 keeps ``bias`` within ``max_error`` relative RMS error (rounding alone is
-    ~3e-4); tiny biases underflow to zero and stay float32."""
-    norm = float(np.linalg.norm(bias))
-    if norm == 0.0:
-        return True
-    error = float(np.linalg.norm(bias.astype(np.float16).astype(np.float32) - bias))
-    return error <= max_error * norm
+def _holds_in_float16(bias: np.ndarray) -> bool:
+    """Whether float16 keeps ``bias`` within rounding error (tiny biases flush to zero and
+    stay float32), by the ``fp16`` pass's range rule."""
+    return float16_cast_error(bias) <= MAX_CAST_ERROR
 
 
 register_recipe("deep-compression", ["cleanup", "fuse", {"pass": "deep-compress"}])

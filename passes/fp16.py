@@ -35,7 +35,7 @@ from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.metrics import Budget
 from onnxopt.passes.fp16_kernels import AARCH64_FP16_OPS, PROBED_OPS, probe_model, runs_in_fp16
-from onnxopt.passes.fp16_ranges import activation_ranges, nodes_to_keep
+from onnxopt.passes.fp16_ranges import MAX_CAST_ERROR, activation_ranges, nodes_to_keep
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.recipes import register_recipe
 from onnxopt.registry import OptPass, option, register
@@ -59,7 +59,7 @@ class Fp16Config:
     keep_ops: list[str] = option([], "Op types to keep in float32 besides those.")
     keep_nodes: list[str] = option([], "Node names to keep in float32.")
     max_cast_error: float = option(
-        2e-3, "Largest relative RMS error of storing an activation in float16, measured on the "
+        MAX_CAST_ERROR, "Largest relative RMS error of storing an activation in float16, measured on the "
         "calibration (else verification) inputs in float32; nodes producing or reading a tensor "
         "above it (overflow, underflow) stay float32. Rounding alone gives 2.8e-4. 0: no check.")
     range_batches: int = option(2, "Most input batches the range check runs.")

@@ -26,6 +26,8 @@ from onnxopt.feeds import Feeds
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 2**-14
+# Largest cast error still taken as float16's rounding (2.8e-4 for values in range), with room.
+MAX_CAST_ERROR = 2e-3
 
 
 @dataclasses.dataclass
@@ -67,10 +69,9 @@ def activation_ranges(model: ir.Model, batches: Sequence[Feeds]) -> dict[str, Te
                 continue
             x = np.where(finite, x, 0.0)
             max_abs[name] = max(max_abs[name], float(np.max(np.abs(x))))
-            with np.errstate(over="ignore"):
-                half = x.astype(np.float16).astype(np.float64)
-            err_sq[name] += float(np.sum((x - half) ** 2))
-            ref_sq[name] += float(np.sum(x * x))
+            err, ref = _cast_error_sums(x)
+            err_sq[name] += err
+            ref_sq[name] += ref
     result = {}
     for name in names:
         error = (0.0 if ref_sq[name] == 0 else float(np.sqrt(err_sq[name] / ref_sq[name]))
@@ -79,6 +80,19 @@ def activation_ranges(model: ir.Model, batches: Sequence[Feeds]) -> dict[str, Te
             error = float("inf")
         result[name] = TensorRange(name, max_abs[name], error)
     return result
+
+
+def float16_cast_error(x: np.ndarray) -> float:
+    """Relative RMS error of ``x`` -> float16 -> float32 (inf when a value overflows)."""
+    err, ref = _cast_error_sums(np.asarray(x, dtype=np.float64))
+    return 0.0 if ref == 0 else float(np.sqrt(err / ref)) if np.isfinite(err) else float("inf")
+
+
+def _cast_error_sums(x: np.ndarray) -> tuple[float, float]:
+    """Squared error of the float16 round trip of float64 ``x``, and squared norm of ``x``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = x.astype(np.float16).astype(np.float64)
+        return float(np.sum((x - half) ** 2)), float(np.sum(x * x))
 
 
 def nodes_to_keep(model: ir.Model, ranges: dict[str, TensorRange], max_error: float

@@ -38,8 +38,8 @@ import onnx_ir as ir
 from onnxopt import runner
 from onnxopt.calibration import CalibrationData, open_calibration
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError
-from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.feeds import Feeds, check_feeds, input_specs, synthesize_feeds
+from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.metrics import Budget, sqnr_db
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.quantize_accuracy import Evaluator, resolve_metric

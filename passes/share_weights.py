@@ -21,7 +21,6 @@ de-duplication, which this pass runs first for tensors of any size.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from onnxopt.passes.linear_layers import WEIGHT_OPS, Layer, check_patterns, find
 from onnxopt.passes.prune import unique_layers
 
 from onnxopt.metrics import Budget
-from onnxopt.model_io import release_mappings
+from onnxopt.model_io import release_mapping, release_mappings
 from onnxopt.registry import OptPass, option, register
 from onnxopt.stats import model_stats
 
@@ -279,7 +278,7 @@ def merge_near_duplicates(graph: ir.Graph, layers: Sequence[Layer], tolerance: f
                            if d <= tolerance * max(norms[i], norms[j])]
             total = base.astype(np.float64) if len(group) > 1 else None
             del base
-            _unmap(members[i].weight.const_value)
+            release_mapping(members[i].weight.const_value)
             if total is None:
                 continue
             for j in group[1:]:
@@ -308,16 +307,8 @@ def _distance(base: np.ndarray | None, layer: Layer, chunk: int = 1 << 20) -> fl
             part -= flat[start:start + chunk]
         total += float(np.dot(part, part))
     del weight
-    _unmap(layer.weight.const_value)
+    release_mapping(layer.weight.const_value)
     return math.sqrt(total)
-
-
-def _unmap(tensor: ir.TensorProtocol | None) -> None:
-    """Drop a big model's memory map of ``tensor`` (read again on use): its pages stop counting
-    as this process's memory. The caller's model keeps the same tensor object alive."""
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):  # a view of the map is still in use
-            tensor.release()
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -344,7 +335,7 @@ def cluster_layers(model: ir.Model, layers: Sequence[Layer], bits: Sequence[int]
                                changed, cfg)
         original = layer.weight.const_value
         record = write_result(model.graph, layer, result, index)
-        _unmap(original)
+        release_mapping(original)
         records.append(record)
         changed = changed or record["storage"] != "unchanged"
     return records
