@@ -19,10 +19,9 @@ weights and 77 MB of activations per 224x224 sample, calibrated on 256 samples s
         [--width 4096] [--steps inspect,cleanup,fuse,int8,share,bench,report]
         [--share-iterations 5] [--json FILE]
 
-Needs about 12 GB of free disk (model, one output at a time, verification copies) and 8 GB of
-memory (dynamic INT8 peaks at 3.1x the model, share-weights at 1.4x); about 25 minutes on 2
-busy shared cores, most of it INT8 (10 min) and share-weights' k-means (3-4 min with 2
-iterations).
+Needs about 12 GB of free disk (model, one output at a time, verification copies) and 4 GB of
+memory (share-weights peaks at 1.4x the model); about 10 minutes on 2 shared cores, most of it
+share-weights' k-means (3-4 min with 2 iterations).
 """
 
 from __future__ import annotations

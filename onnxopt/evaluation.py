@@ -6,7 +6,9 @@ test set of any size fits any model the exporter produced.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +18,39 @@ import onnxruntime as ort
 
 from onnxopt import metrics, runner
 from onnxopt.errors import InputError
-from onnxopt.model_io import to_proto
+from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, FILE_SESSION_THRESHOLD,
+                              in_memory_tensor_bytes, to_ir, to_proto)
 
 ModelLike = ir.Model | onnx.ModelProto | str | Path
 Inputs = Mapping[str, np.ndarray] | np.ndarray
 
 
 def session_for(model: ModelLike, **options: object) -> ort.InferenceSession:
-    """An ONNX Runtime session for a path, a ``ModelProto`` or an ``onnx_ir.Model``."""
+    """An ONNX Runtime session for a path, a ``ModelProto`` or an ``onnx_ir.Model``.
+
+    A model holding more than ``FILE_SESSION_THRESHOLD`` bytes of tensors goes through a
+    temporary file with external data, which ORT maps instead of copying (see
+    :func:`as_file`); smaller ones are handed over as bytes.
+    """
     if isinstance(model, (str, Path)):
         return runner.create_session(str(model), **options)
-    return runner.create_session(to_proto(model).SerializeToString(), **options)
+    if in_memory_tensor_bytes(model) <= FILE_SESSION_THRESHOLD:
+        return runner.create_session(to_proto(model).SerializeToString(), **options)
+    with as_file(model) as path:
+        return runner.create_session(str(path), **options)
+
+
+@contextlib.contextmanager
+def as_file(model: ir.Model | onnx.ModelProto) -> Iterator[Path]:
+    """``model`` written to a private temporary folder, tensors in 64 KiB-aligned external data
+    (streamed by onnx_ir, no copy of the model in memory); the folder goes on exit. A session
+    made from the file inside the block keeps working: ORT has read or mapped the tensors, and
+    a mapping outlives its unlinked file."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(to_ir(model), path, external_data=path.name + ".data",
+                alignment=EXTERNAL_DATA_ALIGNMENT)
+        yield path
 
 
 def run_batched(session: ort.InferenceSession, feeds: Inputs, *, input_name: str | None = None,

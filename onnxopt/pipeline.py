@@ -26,7 +26,8 @@ from onnxopt import metrics, provenance, runner, safety
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
 from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
-from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, check_proto, has_external_tensors, is_big,
+from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, FILE_SESSION_THRESHOLD, check_proto,
+                              has_external_tensors, in_memory_tensor_bytes, is_big,
                               needs_external_data, one_line, release_mappings, save_model)
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
@@ -211,10 +212,11 @@ Frozen = bytes | str  # serialized model, or the path of a temporary file with e
 class _Freezer:
     """Models in the form ONNX Runtime and the checker take.
 
-    Bytes while a model fits in one protobuf; otherwise (over ``EXTERNAL_DATA_THRESHOLD``, or
-    tensors still in external files) a file with external data in a private temporary folder:
-    protobuf cannot serialize 2 GB, and a model read from external data would otherwise be
-    resolved against the working directory. Removed on exit.
+    Bytes for a small model; otherwise (over ``FILE_SESSION_THRESHOLD``, or tensors still in
+    external files) a file with external data in a private temporary folder: protobuf cannot
+    serialize 2 GB, a model read from external data would otherwise be resolved against the
+    working directory, and ORT maps an aligned file where it would copy bytes three times.
+    Removed on exit.
     """
 
     def __init__(self) -> None:
@@ -230,7 +232,8 @@ class _Freezer:
                 self._folder.cleanup()
 
     def freeze(self, model: ir.Model) -> Frozen:
-        if not needs_external_data(model):
+        if not needs_external_data(model) and (
+                in_memory_tensor_bytes(model) <= FILE_SESSION_THRESHOLD):
             return ir.serde.serialize_model(model).SerializeToString()
         if self._folder is None:
             self._folder = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")
@@ -251,7 +254,7 @@ class _Freezer:
 
 def _check_written(frozen: Frozen, pass_name: str) -> None:
     try:
-        check_proto(onnx.load_from_string(frozen) if isinstance(frozen, bytes) else frozen)
+        check_proto(frozen)  # bytes as they are: a parsed copy would cost the model's size again
     except InputError as exc:
         raise OnnxoptError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
 

@@ -20,7 +20,7 @@ import onnx
 
 from onnxopt import runner
 from onnxopt.errors import InputError
-from onnxopt.evaluation import run_batched
+from onnxopt.evaluation import run_batched, session_for
 from onnxopt.feeds import Feeds
 
 Outputs = dict[str, np.ndarray]
@@ -150,5 +150,5 @@ class Evaluator:
 
     def _run(self, proto: onnx.ModelProto, config: Mapping[str, str] | None = None) -> Outputs:
         # Deployment settings (all graph optimizations): QDQ groups run as integer kernels.
-        session = runner.create_session(proto.SerializeToString(), config=config)
+        session = session_for(proto, config=config)
         return run_batched(session, self.feeds)

@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runner
+from onnxopt.evaluation import session_for
 from onnxopt.feeds import Feeds
 
 # Samples used for activation statistics: enough for percentiles and SQNR, small in memory.
@@ -40,9 +41,7 @@ def capture(proto: onnx.ModelProto, feeds: Feeds,
             if value.name not in outputs and value.dtype in _FLOATS:
                 graph.outputs.append(value)
                 outputs.add(value.name)
-    session = runner.create_session(
-        ir.serde.serialize_model(model).SerializeToString(), threads=None, opt_level="disabled",
-        config=config)
+    session = session_for(model, threads=None, opt_level="disabled", config=config)
     values = runner.run(session, feeds)
     values.update({k: v for k, v in feeds.items() if v.dtype.kind == "f"})
     return values

@@ -6,9 +6,11 @@ costs only the rewrite. Dynamic conversion never touches convolutions (ConvInteg
 net 5-9x slower) and passes ``DefaultTensorType`` (without it ``quantize_dynamic`` fails after
 ORT's Attention fusion: "Unable to find data type for weight_name").
 
-A prepared model with external data (over the protobuf limit) is quantized with ORT's
-``use_external_data_format``; the INT8 result, about a quarter of the size, comes back as one
-in-memory protobuf (so up to ~8 GB of FP32 weights).
+A prepared model with external data (over the protobuf limit) is quantized dynamically one
+weight at a time (:mod:`quantize_streamed`: ORT's quantizer would hold it three times over), or,
+for static mode or ops only ORT quantizes, with ORT's ``use_external_data_format``; the INT8
+result, about a quarter of the size, comes back as one in-memory protobuf (so up to ~8 GB of FP32
+weights).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from onnxruntime.quantization.calibrate import save_tensors_data
 
 from onnxopt import runner
 from onnxopt.errors import OnnxoptError
-from onnxopt.model_io import check_proto
+from onnxopt.evaluation import as_file
+from onnxopt.model_io import FILE_SESSION_THRESHOLD, check_proto, in_memory_tensor_bytes
 from onnxopt.passes.quantize_calibrate import CalibrationTable
 from onnxopt.passes.quantize_prepare import COMPUTE_OPS, has_external_data
+from onnxopt.passes.quantize_streamed import covers, quantize_matmuls
 
 _QTYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 # Dynamic quantization: matrix products with a constant operand only (never Conv).
@@ -71,6 +75,10 @@ class QuantSpec:
 def convert(prepared_path: Path, spec: QuantSpec,
             table: CalibrationTable | None) -> onnx.ModelProto:
     """The quantized model for ``spec``; raises :class:`OnnxoptError` if ORT cannot load it."""
+    streamed = _dynamic_streamed(prepared_path, spec) if spec.mode == "dynamic" else None
+    if streamed is not None:
+        load_check(streamed, spec.label())
+        return streamed
     with tempfile.TemporaryDirectory(prefix="onnxopt-convert-") as tmp:
         out = Path(tmp) / "quantized.onnx"
         was = logging.getLogger().disabled
@@ -123,8 +131,13 @@ def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
 def load_check(proto: onnx.ModelProto, what: str) -> None:
     """The ONNX checker and an ONNX Runtime session must both accept the model."""
     try:
-        check_proto(proto)
-        runner.create_session(proto.SerializeToString(), threads=1)
+        if in_memory_tensor_bytes(proto) > FILE_SESSION_THRESHOLD:
+            with as_file(proto) as path:  # no serialized copy for the checker or ORT
+                check_proto(str(path))
+                runner.create_session(str(path), threads=1)
+        else:
+            check_proto(proto)
+            runner.create_session(proto.SerializeToString(), threads=1)
     except Exception as exc:  # ORT raises its own exception types on load
         raise OnnxoptError(f"the {what} model does not load: {str(exc).splitlines()[0][:200]}"
                            ) from exc
@@ -147,6 +160,22 @@ def _static(src: Path, out: Path, spec: QuantSpec, table: CalibrationTable, tmp:
                        "OpTypesToExcludeOutputQuantization":
                            [] if spec.quantize_compute_outputs else list(COMPUTE_OPS)},
     )
+
+
+def _dynamic_streamed(src: Path, spec: QuantSpec) -> onnx.ModelProto | None:
+    """The dynamic INT8 model of a prepared model with external data, quantized weight by
+    weight; None when the model fits in memory or has ops only ORT's quantizer handles."""
+    if not has_external_data(src):
+        return None
+    ops = tuple(op for op in (spec.op_types or DYNAMIC_OPS) if op in DYNAMIC_OPS)
+    model = ir.load(src)  # external tensors stay memory-mapped until each is read
+    if not covers(model, ops):
+        return None
+    quantize_matmuls(model, op_types=ops, weight_type=spec.weight_type,
+                     per_channel=spec.per_channel, reduce_range=spec.reduce_range,
+                     exclude=spec.exclude)
+    ir.external_data.load_to_model(model)  # what is left float (biases, excluded layers)
+    return ir.serde.serialize_model(model)
 
 
 def _dynamic(src: Path, out: Path, spec: QuantSpec) -> None:
