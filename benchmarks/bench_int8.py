@@ -162,10 +162,12 @@ def ort_static(fp32: Path, out: Path, calibration: Arrays, fixed_batch: int | No
             return next(self._batches, None)
 
     pre = out.with_name("pre.onnx")
-    try:
-        quant_pre_process(str(fp32), str(pre))
-    except Exception:  # noqa: BLE001 - MiniLM: "Incomplete symbolic shape inference"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)  # the usual workaround
+    # A failed symbolic inference leaves a temporary <uuid>.data in the working directory.
+    with contextlib.chdir(out.parent):
+        try:
+            quant_pre_process(str(fp32), str(pre))
+        except Exception:  # noqa: BLE001 - MiniLM: "Incomplete symbolic shape inference"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)  # usual workaround
     quantize_static(str(pre), str(out), Reader())
     return out
 
