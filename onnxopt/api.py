@@ -55,8 +55,9 @@ def optimize(
 
     ``calibration``: representative inputs (an ``.npz`` of stacked samples, a folder of ``.npy``,
     or an iterable of feeds), read in batches; the first batch also serves for verification
-    unless ``verify_feeds`` is given. ``max_memory`` (bytes) sizes those batches so the weights
-    plus one batch of activations fit (:mod:`onnxopt.memory`).
+    unless ``verify_feeds`` is given. ``max_memory`` (bytes) sizes those batches, and the batches
+    of INT8's accuracy check, so the weights plus one batch of activations fit
+    (:mod:`onnxopt.memory`).
     """
     ir_model = load(model)
     batches = _calibration_batches(calibration, ir_model, max_memory)
@@ -64,7 +65,7 @@ def optimize(
         verify_feeds = [batches[0]]
     context = PassContext(
         calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
-        seed=seed, target=target,
+        seed=seed, target=target, max_memory=max_memory,
     )
     pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir)
     return pipeline.run(ir_model, context, progress=progress)

@@ -25,6 +25,8 @@ class PassContext:
     ``calibration``: representative input batches (for quantization, pruning refits).
     ``evaluation``: ``(feeds, labels)`` for accuracy-aware passes, labels may be ``None``.
     ``verify_feeds``: the seeded inputs the pipeline verifies on (always at least one batch).
+    ``max_memory``: the user's memory budget in bytes (``--max-memory``), for passes that run
+    the model on many samples at once.
     """
 
     calibration: list[dict[str, np.ndarray]] | None = None
@@ -32,6 +34,7 @@ class PassContext:
     verify_feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     seed: int = 0
     target: str | None = None
+    max_memory: int | None = None
 
 
 @dataclasses.dataclass

@@ -40,6 +40,7 @@ from onnxopt.calibration import CalibrationData, open_calibration
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError
 from onnxopt.feeds import Feeds, check_feeds, input_specs, synthesize_feeds
 from onnxopt.graph_outputs import outputs_with_producers
+from onnxopt.memory import calibration_batch_size
 from onnxopt.metrics import Budget, sqnr_db
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.quantize_accuracy import Evaluator, resolve_metric
@@ -60,6 +61,7 @@ from onnxopt.int8_target import QuantTarget, detect_cpu, is_host, resolve_target
 # Without evaluation data, fidelity to FP32 on calibration inputs is the metric: mean cosine.
 FIDELITY_SAMPLES = 128
 SYNTHETIC_SAMPLES = 16
+EVAL_BATCH_SIZE = 256  # samples per run of the accuracy check, unless --max-memory says fewer
 # Latency: at least this many timed runs per model and thread count, whatever the budget says.
 MIN_TIMED_RUNS = 15
 
@@ -361,6 +363,8 @@ class QuantizePass(OptPass):
     def _evaluator(self, model: ir.Model, prepared: PreparedModel, data: CalibrationData | None,
                    cfg: QuantizeConfig) -> Evaluator:
         fp32, config = prepared.proto, prepared.session_config
+        batch = (calibration_batch_size(model, self.context.max_memory, EVAL_BATCH_SIZE)
+                 if self.context.max_memory else EVAL_BATCH_SIZE)  # the user's memory budget
         if self.context.evaluation is not None:
             feeds, labels = self.context.evaluation
             feeds = _check_stacked(feeds, model)
@@ -369,7 +373,7 @@ class QuantizePass(OptPass):
             labels = None if labels is None else np.asarray(labels)[:n]
             metric = resolve_metric(cfg.metric, labels is not None)
             return Evaluator(fp32, feeds, labels, metric, cfg.max_drop, source="evaluation data",
-                             fp32_config=config)
+                             fp32_config=config, batch_size=batch)
         metric = resolve_metric(cfg.metric, False)
         if data is not None:
             feeds = _gather(data, FIDELITY_SAMPLES)
@@ -378,7 +382,7 @@ class QuantizePass(OptPass):
             feeds = synthesize_feeds(model, batch=SYNTHETIC_SAMPLES, seed=self.context.seed)
             source = "synthetic inputs (no calibration or evaluation data given)"
         return Evaluator(fp32, feeds, None, metric, cfg.max_drop, source=source,
-                         fp32_config=config)
+                         fp32_config=config, batch_size=batch)
 
     # -- what stays float, and the candidates ------------------------------------------------
 

@@ -116,8 +116,9 @@ class Evaluator:
 
     def __init__(self, fp32: onnx.ModelProto, feeds: Feeds, labels: np.ndarray | None,
                  metric: Metric, max_drop: float | None, *, source: str,
-                 fp32_config: Mapping[str, str] | None = None) -> None:
+                 fp32_config: Mapping[str, str] | None = None, batch_size: int = 256) -> None:
         self.feeds = feeds
+        self.batch_size = batch_size
         self.labels = labels
         self.metric = metric
         self.source = source
@@ -145,10 +146,11 @@ class Evaluator:
 
     def describe(self) -> dict[str, Any]:
         return {"metric": self.metric.name, "unit": self.metric.unit, "fp32": self.reference,
-                "max_drop": self.max_drop, "samples": self.samples, "data": self.source,
+                "max_drop": self.max_drop, "samples": self.samples,
+                "batch_size": self.batch_size, "data": self.source,
                 "labels": self.labels is not None and self.metric.uses_labels}
 
     def _run(self, proto: onnx.ModelProto, config: Mapping[str, str] | None = None) -> Outputs:
         # Deployment settings (all graph optimizations): QDQ groups run as integer kernels.
         session = session_for(proto, config=config)
-        return run_batched(session, self.feeds)
+        return run_batched(session, self.feeds, batch_size=self.batch_size)

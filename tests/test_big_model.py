@@ -185,7 +185,8 @@ def test_max_memory_sizes_calibration_batches(tmp_path: Path, mlp_path: Path) ->
 
 def test_max_memory_and_int8_of_an_external_model_under_the_threshold(
         tmp_path: Path, mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Calibration batches sized by ``--max-memory``; and below the threshold, external tensors
+    """Calibration batches and the accuracy check's batches sized by ``--max-memory``; and
+    below the threshold, external tensors
     come into memory, so the quantizer (written for in-memory models) works and the output is
     one self-contained file."""
     calib = tmp_path / "calib.npz"
@@ -199,6 +200,8 @@ def test_max_memory_and_int8_of_an_external_model_under_the_threshold(
                  "--report", str(report)]) == 0
     notes = json.loads((report / "report.json").read_text())["passes"][-1]["notes"]
     assert "40 samples in batches of 4" in notes["calibration_data"]
+    # the same budget over the fused model (Gemm + Relu: 2 outputs per layer, not 3) fits 6
+    assert notes["accuracy"]["samples"] == 40 and notes["accuracy"]["batch_size"] == 6
     assert _external_locations(out) == [] and not out.with_name("int8.onnx.data").exists()
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops or "MatMulInteger" in ops, ops
