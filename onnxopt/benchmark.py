@@ -3,8 +3,9 @@
 Why interleaved: on a shared, 2-core machine latency drifts by tens of percent between processes
 and over seconds, while ratios measured side by side in one process hold to a few percent. So for
 each thread count all sessions are created in this process and the models take turns in *rounds*:
-each round runs one short *block* of timed runs per model (about ``BLOCK_S``), and every switch to
-a model is followed by untimed *settle* runs (about ``SETTLE_S``, at least one). The order is
+each round runs one short *block* of timed runs per model (about ``BLOCK_S``, at least
+``MIN_BLOCK_RUNS``), and every switch to a model is followed by untimed *settle* runs (about
+``SETTLE_S``, at least ``MIN_SETTLE_RUNS``). The order is
 reversed every other round (A B, B A, A B ...) so no model always runs after the same neighbour.
 Short blocks give many rounds, so drift hits every model alike.
 
@@ -12,7 +13,10 @@ Why blocks and settle runs rather than single-run alternation (A B A B): a model
 another finds the other's weights in the cache and, with 2 threads, the other session's worker
 threads still spinning on the cores. Single-run alternation inflated latency 2-3x here
 (``benchmarks/RESULTS.md``, "Interleaving"). Spinning is left on (ORT's default, what deployments
-run, and faster at 2 threads): the settle runs absorb it. Pass
+run, and faster at 2 threads): the settle runs absorb it. Millisecond models need several runs
+per switch, not one: with 2 threads, the first runs after a switch were slow (MiniLM, ORT's
+dynamic INT8: 13.4 ms in blocks of one run with one settle run, 6.3 ms in blocks of 5 after 3,
+6.2 ms run alone), which made INT8 look no faster than FP32 at 2 threads. Pass
 ``session_config={"session.intra_op.allow_spinning": "0"}`` to measure without it.
 
 Speed-up is ``p50(first model) / p50(model)`` at the same thread count. Its 95% interval comes from
@@ -65,8 +69,11 @@ MIN_WARMUP = 2
 MIN_ROUNDS = 5
 MAX_ROUNDS = 1000
 MAX_BLOCK = 100_000
-SETTLE_S = 0.002  # untimed runs after each switch last this long, and at least one run: ORT's
-# idle workers stop spinning within about 2 ms here, and the model's weights are back in cache
+MIN_BLOCK_RUNS = 5  # timed runs per block, however long a run is (see the module docstring)
+MIN_SETTLE_RUNS = 3  # untimed runs after each switch, however long a run is
+SETTLE_S = 0.002  # untimed runs after each switch last this long (at least MIN_SETTLE_RUNS):
+# ORT's idle workers stop spinning within about 2 ms here, and the model's weights are back in
+# cache
 BOOTSTRAP_REPS = 1000
 MEMORY_ITERATIONS = 2
 
@@ -176,7 +183,8 @@ def benchmark(
         rounds: rounds per thread count (default: rounds until ``time_budget_s`` has passed,
             and at least 5).
         block: timed runs per model per round (default: per model, ``block_s`` worth).
-        settle: untimed runs after each switch (default: ``SETTLE_S`` worth, at least 1).
+        settle: untimed runs after each switch (default: ``SETTLE_S`` worth, at least
+            ``MIN_SETTLE_RUNS``).
         time_budget_s: wall seconds of rounds per thread count (all models together), when
             ``rounds`` is not given.
         block_s: target seconds of one block when ``block`` is not given.
@@ -272,7 +280,8 @@ def _settings(thread_counts: list[int], warmup: int | None, rounds: int | None,
         "warmup": warmup,
         "rounds": rounds,
         "block": block,
-        "settle": settle if settle is not None else f"{SETTLE_S} s worth, at least 1 run",
+        "settle": settle if settle is not None
+        else f"{SETTLE_S} s worth, at least {MIN_SETTLE_RUNS} runs",
         "time_budget_s": time_budget_s,
         "block_s": block_s,
         "opt_level": opt_level,
@@ -424,7 +433,8 @@ def measure_interleaved(
     rng = rng if rng is not None else np.random.default_rng(0)
     report = progress or (lambda fraction, description: None)
     estimates = [_warm_up(run, warmup) for run in runs]
-    blocks = [block or int(min(MAX_BLOCK, max(1, round(block_s / est)))) for est in estimates]
+    blocks = [block or int(min(MAX_BLOCK, max(MIN_BLOCK_RUNS, round(block_s / est))))
+              for est in estimates]
     settles = [settle if settle is not None else _default_settle(est) for est in estimates]
     samples, cpu, r = _timed_rounds(list(runs), blocks, settles, rounds, time_budget_s, report)
     medians = _bootstrap_medians(samples, bootstrap, rng)
@@ -497,8 +507,8 @@ def _timed_rounds(
 
 
 def _default_settle(seconds_per_run: float) -> int:
-    """Untimed runs after a switch: ``SETTLE_S`` worth, at least one."""
-    return int(min(MAX_BLOCK, max(1, math.ceil(SETTLE_S / seconds_per_run))))
+    """Untimed runs after a switch: ``SETTLE_S`` worth, at least ``MIN_SETTLE_RUNS``."""
+    return int(min(MAX_BLOCK, max(MIN_SETTLE_RUNS, math.ceil(SETTLE_S / seconds_per_run))))
 
 
 def _runner_of(session: Any, feeds: Feeds, entry: _Entry) -> Callable[[], Any]:

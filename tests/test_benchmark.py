@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,14 @@ import pytest
 from onnx import numpy_helper
 
 from onnxopt.benchmark import (
+    MIN_BLOCK_RUNS,
+    MIN_SETTLE_RUNS,
     SCHEMA_VERSION,
     BenchmarkResult,
     _weighted_p50,
     benchmark,
     compare_to_baseline,
+    measure_interleaved,
 )
 from onnxopt.errors import InputError
 
@@ -180,3 +185,23 @@ def test_compare_to_baseline_rejects_bad_documents() -> None:
         compare_to_baseline(old, old, max_regression=1.5)
     with pytest.raises(InputError, match="schema_version"):
         compare_to_baseline({"rows": []}, old, max_regression=0.1)
+
+
+def test_millisecond_callables_get_several_runs_per_block_and_settle() -> None:
+    """With 2 threads the first runs after a switch are slow: a block of one run after one
+    settle run measured MiniLM's INT8 model at twice its latency, so blocks keep at least
+    MIN_BLOCK_RUNS timed runs and MIN_SETTLE_RUNS untimed ones, however long a run is."""
+    calls = {"a": 0, "b": 0}
+
+    def slow(name: str) -> Callable[[], None]:
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(0.004)  # 4 ms: BLOCK_S and SETTLE_S alone would give 1 run each
+        return run
+
+    stats, used = measure_interleaved([slow("a"), slow("b")], ["a", "b"], warmup=1, rounds=2)
+    assert used["block"] == {"a": MIN_BLOCK_RUNS, "b": MIN_BLOCK_RUNS}
+    assert used["settle"] == {"a": MIN_SETTLE_RUNS, "b": MIN_SETTLE_RUNS}
+    assert [s["iterations"] for s in stats] == [2 * MIN_BLOCK_RUNS] * 2
+    per_model = 1 + 2 * (MIN_SETTLE_RUNS + MIN_BLOCK_RUNS)  # warm-up, 2 rounds
+    assert calls == {"a": per_model, "b": per_model}
