@@ -17,7 +17,7 @@ from onnxopt.errors import InputError, QualityGateError, VerificationError
 from onnxopt.metrics import Budget
 from onnxopt.model_io import to_ir
 from onnxopt.pipeline import Pipeline
-from onnxopt.recipes import apply_overrides, load_recipe
+from onnxopt.recipes import apply_overrides, builtin_recipes, load_recipe
 from onnxopt.registry import PASSES, OptPass, make_config, option, register
 from onnxopt.runner import reference_session, run
 
@@ -181,3 +181,48 @@ def test_model_that_does_not_run_is_input_error() -> None:
     }""")
     with pytest.raises(InputError, match="does not run in ONNX Runtime"):
         Pipeline.from_recipe("default").run(to_ir(model))
+
+
+def _conv_bn_mlp() -> onnx.ModelProto:
+    """Conv + BatchNorm + ReLU, then two MatMul + Add layers: something for every recipe to change
+    (BN folding, Gemm fusion, pruning, clustering, INT8, float16)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name: str, shape: tuple[int, ...], offset: float = 0.0) -> onnx.TensorProto:
+        values = rng.standard_normal(shape).astype(np.float32) * np.float32(0.3)
+        return numpy_helper.from_array(np.abs(values) + offset if offset else values, name)
+
+    inits = [init("cw", (8, 1, 3, 3)), init("cb", (8,)), init("s", (8,)), init("b", (8,)),
+             init("m", (8,)), init("v", (8,), offset=0.5), init("fw", (512, 16)), init("fb", (16,)),
+             init("gw", (16, 10)), init("gb", (10,)),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "fw"], ["h0"]),
+             helper.make_node("Add", ["h0", "fb"], ["h"]),
+             helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("MatMul", ["hr", "gw"], ["o0"]),
+             helper.make_node("Add", ["o0", "gb"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("recipe", sorted(builtin_recipes()))
+def test_every_builtin_recipe_leaves_the_callers_protobuf_untouched(recipe: str) -> None:
+    """``optimize(proto)`` works on onnx_ir views of the caller's tensors: a pass that renamed or
+    rewrote one in place would change the caller's model. Byte for byte, it must not."""
+    proto = _conv_bn_mlp()
+    given = proto.SerializeToString()
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)} for _ in range(8)]
+    out, report = onnxopt.optimize(proto, recipe, calibration=calibration,
+                                   overrides={"quantize.measure_latency": False}
+                                   if recipe == "int8" else {})
+    assert proto.SerializeToString() == given
+    assert report.passes  # the recipe ran
