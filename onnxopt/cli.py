@@ -132,8 +132,8 @@ def optimize(
     seed: int = typer.Option(0, help="Seed for synthesized inputs and any randomness."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input model."),
     max_memory: Optional[str] = typer.Option(
-        None, "--max-memory", help="Memory budget for calibration (e.g. 4G): batches are sized "
-        "so the weights plus one batch of activations fit."),
+        None, "--max-memory", help="Memory budget (e.g. 4G) for calibration and INT8's accuracy "
+        "check: batches are sized so the weights plus one batch of activations fit."),
 ) -> None:
     """Run a recipe of passes; each pass is verified against ONNX Runtime."""
     from onnxopt.api import load, optimize as run_optimize
