@@ -180,10 +180,13 @@ def _dynamic_streamed(src: Path, spec: QuantSpec) -> onnx.ModelProto | None:
 
 def _dynamic(src: Path, out: Path, spec: QuantSpec) -> None:
     ops = [op for op in (spec.op_types or DYNAMIC_OPS) if op in DYNAMIC_OPS]
+    # ORT's dynamic mode splits every Gemm into "<name>_MatMul" + "<name>_Add" before it reads
+    # the exclusions, so an excluded Gemm would be quantized anyway: exclude its MatMul too.
+    exclude = spec.exclude | {f"{name}_MatMul" for name in spec.exclude}
     quantize_dynamic(
         str(src), str(out), op_types_to_quantize=ops, per_channel=spec.per_channel,
         reduce_range=spec.reduce_range, weight_type=_QTYPES[spec.weight_type],
-        nodes_to_exclude=sorted(spec.exclude), use_external_data_format=has_external_data(src),
+        nodes_to_exclude=sorted(exclude), use_external_data_format=has_external_data(src),
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
     )
 

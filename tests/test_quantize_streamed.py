@@ -101,3 +101,23 @@ def test_covers_only_matmul_and_gemm() -> None:
     model = ir.serde.deserialize_model(helper.make_model(graph))
     assert covers(model, ("MatMul", "Gemm"))  # Attention not asked for
     assert not covers(model, ("MatMul", "Gemm", "Attention"))
+
+
+def test_an_excluded_gemm_stays_float_through_ort_too(tmp_path: Path) -> None:
+    """ORT's dynamic mode renames a Gemm to ``<name>_MatMul`` before applying exclusions, so
+    excluding the Gemm by its name used to leave it quantized (the accuracy search's fallback
+    then changed nothing)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="g1"),
+         helper.make_node("Gemm", ["h", "w", "b"], ["y"], name="g2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [weight, bias])
+    src = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    _dynamic(src, tmp_path / "out.onnx", QuantSpec(mode="dynamic", exclude=frozenset({"g1"})))
+    nodes = {n.name: n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node}
+    assert nodes["g1_MatMul"] == "MatMul"  # float
+    assert nodes["g2_MatMul_quant"] == "MatMulInteger"  # the other one is still INT8
