@@ -1,8 +1,10 @@
 """Model statistics: parameters, bytes on disk and zipped, MACs per op type, node histogram.
 
 MACs need static shapes: symbolic dimensions are set to 1 (or to ``shapes``) and ONNX shape
-inference fills in the rest. A node whose shapes stay unknown contributes no MACs and is counted in
-``macs_unknown_nodes``, so an under-count is visible rather than silent.
+inference fills in the rest; where it leaves a MAC node's shapes unknown (shapes computed at run
+time, as in transformer exports, or contrib ops such as Attention), ONNX Runtime's symbolic shape
+inference is tried on the same static copy. A node whose shapes stay unknown contributes no MACs
+and is counted in ``macs_unknown_nodes``, so an under-count is visible rather than silent.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import onnx_ir as ir
 from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, to_ir
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
-           "ConvInteger", "MatMulInteger", "Attention", "MultiHeadAttention")
+           "ConvInteger", "MatMulInteger", "Attention", "QAttention", "MultiHeadAttention")
 
 
 @dataclasses.dataclass
@@ -159,7 +161,26 @@ def _mac_table(proto: onnx.ModelProto,
     except Exception:  # shape inference rejects some contrib ops; count what we can
         pass
     known = _known_shapes(proto)
-    return [(node, _node_macs(node, known)) for node in proto.graph.node if node.op_type in MAC_OPS]
+    table = [(node, _node_macs(node, known)) for node in proto.graph.node
+             if node.op_type in MAC_OPS]
+    if any(n is None for _, n in table):
+        symbolic = _symbolic_shapes(proto)
+        if symbolic is not None:
+            known = _known_shapes(symbolic)
+            table = [(node, _node_macs(node, known)) for node in symbolic.graph.node
+                     if node.op_type in MAC_OPS]
+    return table
+
+
+def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``proto`` with ONNX Runtime's symbolic shape inference (it knows contrib ops and follows
+    shapes computed at run time); None when it fails."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # it raises many types on graphs it cannot follow; count what we can
+        return None
 
 
 def _with_static_inputs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
@@ -237,4 +258,15 @@ def _node_macs(node: onnx.NodeProto, known: dict[str, list[int]]) -> int | None:
         if out is None or a is None:
             return None
         return math.prod(out) * a[-1]
-    return None  # Attention and other fused ops: not counted yet
+    if op in ("Attention", "QAttention"):  # com.microsoft: QKV projection, then two S x S products
+        if a is None or w is None or len(a) != 3 or len(w) != 2:
+            return None
+        batch, seq, _ = a
+        hidden = w[1] // 3
+        return math.prod(a) * w[1] + 2 * batch * seq * seq * hidden
+    if op == "MultiHeadAttention":  # com.microsoft, projected Q, K, V: Q K^T and softmax(.) V
+        k = known.get(node.input[1]) if len(node.input) > 1 else None
+        if a is None or k is None or len(a) != 3 or len(k) != 3:
+            return None
+        return 2 * a[0] * a[1] * k[1] * a[2]
+    return None  # other fused ops: not counted

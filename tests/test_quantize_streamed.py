@@ -68,7 +68,8 @@ def test_streamed_dynamic_int8_equals_ort_quantize_dynamic(
     for name, array in ours_init.items():
         assert array.dtype == theirs_init[name].dtype and array.shape == theirs_init[name].shape
         np.testing.assert_array_equal(array, theirs_init[name], err_msg=name)
-    assert sorted(n.op_type for n in ours.graph.node) == sorted(n.op_type for n in theirs.graph.node)
+    assert sorted(n.op_type for n in ours.graph.node) == sorted(
+        n.op_type for n in theirs.graph.node)
     ops = [n.op_type for n in ours.graph.node]
     assert ops.count("DynamicQuantizeLinear") == 3  # x once for its two MatMuls, r, g
     assert ops.count("MatMulInteger") == (4 if reduce_range else 5)

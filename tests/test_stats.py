@@ -76,3 +76,27 @@ def test_file_sizes_are_as_stored(tmp_path) -> None:
               location="ext.data", size_threshold=0)
     ext_stats = model_stats(onnx.load(ext), file=ext)
     assert ext_stats.size_bytes == ext.stat().st_size + (tmp_path / "ext.data").stat().st_size
+
+
+def test_attention_macs_through_ort_symbolic_shape_inference() -> None:
+    """ONNX shape inference does not know com.microsoft Attention; ORT's symbolic inference
+    does, so a fused transformer layer counts its QKV projection and its two S x S products."""
+    seq, hidden, heads = 16, 8, 2
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(
+        rng.standard_normal((hidden, 3 * hidden)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(3 * hidden, np.float32), "b")
+    out_w = numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "o")
+    graph = helper.make_graph(
+        [helper.make_node("Attention", ["x", "w", "b"], ["a"], domain="com.microsoft",
+                          num_heads=heads, name="attn"),
+         helper.make_node("MatMul", ["a", "o"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        [weight, bias, out_w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    stats = model_stats(model, {"x": [1, seq, hidden]})
+    assert stats.macs_unknown_nodes == 0
+    assert stats.macs == {"Attention": seq * hidden * 3 * hidden + 2 * seq * seq * hidden,
+                          "MatMul": seq * hidden * hidden}
