@@ -18,8 +18,7 @@ import onnxruntime as ort
 
 from onnxopt import metrics, runner
 from onnxopt.errors import InputError
-from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, FILE_SESSION_THRESHOLD,
-                              in_memory_tensor_bytes, to_ir, to_proto)
+from onnxopt.model_io import EXTERNAL_DATA_ALIGNMENT, better_as_file, to_ir, to_proto
 
 ModelLike = ir.Model | onnx.ModelProto | str | Path
 Inputs = Mapping[str, np.ndarray] | np.ndarray
@@ -34,7 +33,7 @@ def session_for(model: ModelLike, **options: object) -> ort.InferenceSession:
     """
     if isinstance(model, (str, Path)):
         return runner.create_session(str(model), **options)
-    if in_memory_tensor_bytes(model) <= FILE_SESSION_THRESHOLD:
+    if not better_as_file(model):
         return runner.create_session(to_proto(model).SerializeToString(), **options)
     with as_file(model) as path:
         return runner.create_session(str(path), **options)

@@ -139,6 +139,12 @@ def in_memory_tensor_bytes(model: ir.Model | onnx.ModelProto) -> int:
                if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
 
 
+def better_as_file(model: ir.Model | onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime and the checker should get ``model`` as a file with external data
+    rather than as bytes (``FILE_SESSION_THRESHOLD``)."""
+    return in_memory_tensor_bytes(model) > FILE_SESSION_THRESHOLD
+
+
 def has_external_tensors(model: ir.Model) -> bool:
     """Whether any initializer (subgraphs included) still lives in an external data file."""
     return any(isinstance(v.const_value, ir.ExternalTensor)

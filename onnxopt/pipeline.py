@@ -26,9 +26,9 @@ from onnxopt import metrics, provenance, runner, safety
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
 from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
-from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, FILE_SESSION_THRESHOLD, check_proto,
-                              has_external_tensors, in_memory_tensor_bytes, is_big,
-                              needs_external_data, one_line, release_mappings, save_model)
+from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, better_as_file, check_proto,
+                              has_external_tensors, is_big, needs_external_data, one_line,
+                              release_mappings, save_model)
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
 from onnxopt.stats import ModelStats, model_stats
@@ -232,8 +232,7 @@ class _Freezer:
                 self._folder.cleanup()
 
     def freeze(self, model: ir.Model) -> Frozen:
-        if not needs_external_data(model) and (
-                in_memory_tensor_bytes(model) <= FILE_SESSION_THRESHOLD):
+        if not needs_external_data(model) and not better_as_file(model):
             return ir.serde.serialize_model(model).SerializeToString()
         if self._folder is None:
             self._folder = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")

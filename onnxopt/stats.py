@@ -160,16 +160,18 @@ def _mac_table(proto: onnx.ModelProto,
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # shape inference rejects some contrib ops; count what we can
         pass
-    known = _known_shapes(proto)
-    table = [(node, _node_macs(node, known)) for node in proto.graph.node
-             if node.op_type in MAC_OPS]
+    table = _macs_of(proto)
     if any(n is None for _, n in table):
         symbolic = _symbolic_shapes(proto)
         if symbolic is not None:
-            known = _known_shapes(symbolic)
-            table = [(node, _node_macs(node, known)) for node in symbolic.graph.node
-                     if node.op_type in MAC_OPS]
+            table = _macs_of(symbolic)
     return table
+
+
+def _macs_of(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int | None]]:
+    known = _known_shapes(proto)
+    return [(node, _node_macs(node, known)) for node in proto.graph.node
+            if node.op_type in MAC_OPS]
 
 
 def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:

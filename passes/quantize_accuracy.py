@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxopt import runner
 from onnxopt.errors import InputError
 from onnxopt.evaluation import run_batched, session_for
 from onnxopt.feeds import Feeds

@@ -30,7 +30,7 @@ from onnxruntime.quantization.calibrate import save_tensors_data
 from onnxopt import runner
 from onnxopt.errors import OnnxoptError
 from onnxopt.evaluation import as_file
-from onnxopt.model_io import FILE_SESSION_THRESHOLD, check_proto, in_memory_tensor_bytes
+from onnxopt.model_io import better_as_file, check_proto
 from onnxopt.passes.quantize_calibrate import CalibrationTable
 from onnxopt.passes.quantize_prepare import COMPUTE_OPS, has_external_data
 from onnxopt.passes.quantize_streamed import covers, quantize_matmuls
@@ -131,7 +131,7 @@ def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
 def load_check(proto: onnx.ModelProto, what: str) -> None:
     """The ONNX checker and an ONNX Runtime session must both accept the model."""
     try:
-        if in_memory_tensor_bytes(proto) > FILE_SESSION_THRESHOLD:
+        if better_as_file(proto):
             with as_file(proto) as path:  # no serialized copy for the checker or ORT
                 check_proto(str(path))
                 runner.create_session(str(path), threads=1)
