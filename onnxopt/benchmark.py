@@ -10,14 +10,15 @@ reversed every other round (A B, B A, A B ...) so no model always runs after the
 Short blocks give many rounds, so drift hits every model alike.
 
 Why blocks and settle runs rather than single-run alternation (A B A B): a model run right after
-another finds the other's weights in the cache and, with 2 threads, the other session's worker
-threads still spinning on the cores. Single-run alternation inflated latency 2-3x here
+another finds the other's weights in the cache and, with several threads, the other session's
+worker threads still spinning on the cores. Single-run alternation inflated latency 2-3x here
 (``benchmarks/RESULTS.md``, "Interleaving"). Spinning is left on (ORT's default, what deployments
-run, and faster at 2 threads): the settle runs absorb it. Millisecond models need several runs
-per switch, not one: with 2 threads, the first runs after a switch were slow (MiniLM, ORT's
-dynamic INT8: 13.4 ms in blocks of one run with one settle run, 6.3 ms in blocks of 5 after 3,
-6.2 ms run alone), which made INT8 look no faster than FP32 at 2 threads. Pass
-``session_config={"session.intra_op.allow_spinning": "0"}`` to measure without it.
+run, and faster at 2 threads): the settle runs absorb it. With more than one thread they must
+last longer than the spinning: about 70 ms here, during which MiniLM's INT8 runs took up to 2.5x
+their steady time. So at several threads (spinning on) a switch settles for
+``THREADED_SETTLE_S`` and blocks last at least ``THREADED_BLOCK_S``; at 1 thread ``SETTLE_S``
+and ``BLOCK_S`` (and at least ``MIN_SETTLE_RUNS`` / ``MIN_BLOCK_RUNS`` runs) are enough. Pass
+``session_config={"session.intra_op.allow_spinning": "0"}`` to measure without spinning.
 
 Speed-up is ``p50(first model) / p50(model)`` at the same thread count. Its 95% interval comes from
 a paired bootstrap over rounds: rounds are resampled with replacement, the same resample for every
@@ -72,8 +73,11 @@ MAX_BLOCK = 100_000
 MIN_BLOCK_RUNS = 5  # timed runs per block, however long a run is (see the module docstring)
 MIN_SETTLE_RUNS = 3  # untimed runs after each switch, however long a run is
 SETTLE_S = 0.002  # untimed runs after each switch last this long (at least MIN_SETTLE_RUNS):
-# ORT's idle workers stop spinning within about 2 ms here, and the model's weights are back in
-# cache
+# at 1 thread, the model's weights are back in cache
+THREADED_SETTLE_S = 0.2  # the same with several threads and spinning on: the previous session's
+# idle workers spin on the cores for about 70 ms after its last run (benchmarks/RESULTS.md,
+# "Interleaving", Table 4)
+THREADED_BLOCK_S = 0.1  # blocks then last at least this long, so settling is not most of the time
 BOOTSTRAP_REPS = 1000
 MEMORY_ITERATIONS = 2
 
@@ -183,8 +187,8 @@ def benchmark(
         rounds: rounds per thread count (default: rounds until ``time_budget_s`` has passed,
             and at least 5).
         block: timed runs per model per round (default: per model, ``block_s`` worth).
-        settle: untimed runs after each switch (default: ``SETTLE_S`` worth, at least
-            ``MIN_SETTLE_RUNS``).
+        settle: untimed runs after each switch (default: ``SETTLE_S`` worth, at several
+            threads with spinning ``THREADED_SETTLE_S`` worth; at least ``MIN_SETTLE_RUNS``).
         time_budget_s: wall seconds of rounds per thread count (all models together), when
             ``rounds`` is not given.
         block_s: target seconds of one block when ``block`` is not given.
@@ -281,7 +285,8 @@ def _settings(thread_counts: list[int], warmup: int | None, rounds: int | None,
         "rounds": rounds,
         "block": block,
         "settle": settle if settle is not None
-        else f"{SETTLE_S} s worth, at least {MIN_SETTLE_RUNS} runs",
+        else (f"{SETTLE_S} s worth at 1 thread, {THREADED_SETTLE_S} s at more (spinning on), "
+              f"at least {MIN_SETTLE_RUNS} runs"),
         "time_budget_s": time_budget_s,
         "block_s": block_s,
         "opt_level": opt_level,
@@ -400,10 +405,15 @@ def _measure_thread_count(
             raise InputError(f"ONNX Runtime cannot load it ({one_line(exc)})", e.source) from exc
         load_s.append(time.perf_counter() - start)
     runs = [_runner_of(s, feeds, e) for s, e in zip(sessions, entries, strict=True)]
+    spinning = config.get("session.intra_op.allow_spinning") != "0"
+    settle_s = THREADED_SETTLE_S if threads > 1 and spinning else SETTLE_S
+    if settle_s > SETTLE_S:
+        block_s = max(block_s, THREADED_BLOCK_S)
     stats, used = measure_interleaved(
         runs, [e.name for e in entries], warmup=warmup, rounds=rounds, block=block,
-        settle=settle, time_budget_s=time_budget_s, block_s=block_s, bootstrap=bootstrap,
-        rng=rng, progress=lambda f, d: progress(f, f"{threads} thread(s): {d}"))
+        settle=settle, time_budget_s=time_budget_s, block_s=block_s, settle_s=settle_s,
+        bootstrap=bootstrap, rng=rng,
+        progress=lambda f, d: progress(f, f"{threads} thread(s): {d}"))
     del runs, sessions  # release the thread pools before the next thread count
     rows = [{"model": e.name, "threads": threads, **{k: v for k, v in st.items()
                                                       if k not in _LATE_KEYS},
@@ -419,6 +429,7 @@ def measure_interleaved(
     runs: Sequence[Callable[[], Any]], names: Sequence[str], *, warmup: int | None = None,
     rounds: int | None = None, block: int | None = None, settle: int | None = None,
     time_budget_s: float = DEFAULT_TIME_BUDGET_S, block_s: float = BLOCK_S,
+    settle_s: float = SETTLE_S,
     bootstrap: int = BOOTSTRAP_REPS, rng: np.random.Generator | None = None,
     progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -435,7 +446,8 @@ def measure_interleaved(
     estimates = [_warm_up(run, warmup) for run in runs]
     blocks = [block or int(min(MAX_BLOCK, max(MIN_BLOCK_RUNS, round(block_s / est))))
               for est in estimates]
-    settles = [settle if settle is not None else _default_settle(est) for est in estimates]
+    settles = [settle if settle is not None else _default_settle(est, settle_s)
+               for est in estimates]
     samples, cpu, r = _timed_rounds(list(runs), blocks, settles, rounds, time_budget_s, report)
     medians = _bootstrap_medians(samples, bootstrap, rng)
     results = []
@@ -506,9 +518,9 @@ def _timed_rounds(
     return samples, cpu, r
 
 
-def _default_settle(seconds_per_run: float) -> int:
-    """Untimed runs after a switch: ``SETTLE_S`` worth, at least ``MIN_SETTLE_RUNS``."""
-    return int(min(MAX_BLOCK, max(MIN_SETTLE_RUNS, math.ceil(SETTLE_S / seconds_per_run))))
+def _default_settle(seconds_per_run: float, settle_s: float = SETTLE_S) -> int:
+    """Untimed runs after a switch: ``settle_s`` worth, at least ``MIN_SETTLE_RUNS``."""
+    return int(min(MAX_BLOCK, max(MIN_SETTLE_RUNS, math.ceil(settle_s / seconds_per_run))))
 
 
 def _runner_of(session: Any, feeds: Feeds, entry: _Entry) -> Callable[[], Any]:

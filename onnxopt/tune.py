@@ -37,7 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runner
-from onnxopt.benchmark import measure_interleaved
+from onnxopt.benchmark import THREADED_BLOCK_S, THREADED_SETTLE_S, measure_interleaved
 from onnxopt.errors import InputError
 from onnxopt.feeds import load_feeds, synthesize_feeds
 from onnxopt.model_io import load_model, one_line, save_model
@@ -312,8 +312,12 @@ class _Search:
             raise InputError(f"ONNX Runtime cannot run it on these feeds ({one_line(exc)})",
                              self.source) from exc
         runs = [lambda s=s: s.run(names, self.feeds) for s in sessions]
-        stats, _ = measure_interleaved(runs, [c.label() for c in candidates],
-                                       time_budget_s=self.time_budget_s, rng=self.rng)
+        # Candidates may differ in threads: settle as the harness does at several threads.
+        threaded = any(c.threads != 1 and c.spinning for c in candidates)
+        stats, _ = measure_interleaved(
+            runs, [c.label() for c in candidates], time_budget_s=self.time_budget_s,
+            rng=self.rng, **({"settle_s": THREADED_SETTLE_S, "block_s": THREADED_BLOCK_S}
+                             if threaded else {}))
         del runs, sessions  # release thread pools before the next stage
         return stats
 
