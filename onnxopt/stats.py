@@ -10,9 +10,11 @@ and is counted in ``macs_unknown_nodes``, so an under-count is visible rather th
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import math
+import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -179,10 +181,14 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     shapes computed at run time); None when it fails."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    try:
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    except Exception:  # it raises many types on graphs it cannot follow; count what we can
-        return None
+    # When it cannot finish, it saves `sym_shape_infer_temp.onnx` and a `<uuid>.data` in the
+    # working directory before raising: let it do so in a folder of its own.
+    with tempfile.TemporaryDirectory(prefix="onnxopt-shapes-") as folder, \
+            contextlib.chdir(folder):
+        try:
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        except Exception:  # it raises many types on graphs it cannot follow; count what we can
+            return None
 
 
 def _with_static_inputs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.stats import model_stats
@@ -100,3 +103,21 @@ def test_attention_macs_through_ort_symbolic_shape_inference() -> None:
     assert stats.macs_unknown_nodes == 0
     assert stats.macs == {"Attention": seq * hidden * 3 * hidden + 2 * seq * seq * hidden,
                           "MatMul": seq * hidden * hidden}
+
+
+def test_failed_symbolic_shape_inference_leaves_the_working_directory_clean(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's symbolic inference saves `sym_shape_infer_temp.onnx` (and external data) in the
+    working directory when it cannot finish: an op it does not know makes it do so here."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+          h = com.example.Foo(x)
+          y = MatMul(h, W)
+        }
+    """)
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.ones((4, 4), np.float32), "W"))
+    monkeypatch.chdir(tmp_path)
+    model_stats(model, shapes={"x": [2, 4]})
+    assert list(tmp_path.iterdir()) == []
