@@ -29,6 +29,8 @@ from onnxopt.feeds import Feeds
 from onnxopt.passes.channel_groups import ChannelGroup, Key
 from onnxopt.passes.channel_reconstruction import session_with_outputs
 
+UNRANKED = 10.0  # above any relative error a removal order reaches (removing all of X W costs 1)
+
 
 def weight_importance(group: ChannelGroup, norm: str = "l2") -> np.ndarray:
     """Per unit: per-tensor-normalized L1/L2 norm of its weight slices, summed."""
@@ -133,9 +135,11 @@ def gram_matrices(model: ir.Model, inputs: Sequence[tuple[ir.Value, int]],
 
 def reconstruction_order(group: ChannelGroup, grams: dict[str, np.ndarray], ridge: float = 1e-3,
                          limit: int | None = None) -> np.ndarray | None:
-    """Scores from the greedy OBS removal order (lower = removed earlier; the ``limit`` first
-    removals are ranked, the rest tie), or ``None`` when the group has no single dense consumer
-    with a measured Gram matrix."""
+    """Scores from the greedy OBS removal order: the consumer's output error after each removal,
+    cumulative and relative to its output energy (so lower = removed earlier, and scores of
+    different groups compare: a global ranking then takes most from the layers that lose least).
+    Past the ``limit`` first removals all units tie at ``UNRANKED``. ``None`` when the group has no single
+    dense consumer with a measured Gram matrix."""
     found = dense_consumer(group)
     if found is None or found[1].name not in grams:
         return None
@@ -143,22 +147,26 @@ def reconstruction_order(group: ChannelGroup, grams: dict[str, np.ndarray], ridg
     w = np.moveaxis(weight.const_value.numpy().astype(np.float64), axis, 0)
     w = w.reshape(w.shape[0], -1)  # rows: the consumer's inputs
     h = grams[x.name]
+    energy = max(float(np.sum(w * (h @ w))), 1e-30)  # ||X W||^2 before any removal
     h = h + ridge * max(float(np.trace(h)) / len(h), 1e-12) * np.eye(len(h))
     h_inv = np.linalg.inv(h)
     row_of = np.array([int(u.atoms[(weight, axis)][0]) for u in group.units])
     alive = np.array([not u.blocked for u in group.units])
-    scores = np.full(len(group.units), float(len(group.units)))
+    scores = np.full(len(group.units), UNRANKED)
+    error = 0.0
     steps = int(alive.sum()) - 1 if limit is None else min(limit, int(alive.sum()) - 1)
     for step in range(steps):
         rows = row_of[alive]
         cost = np.einsum("ij,ij->i", w[rows], w[rows]) / np.diag(h_inv)[rows]
-        pick = np.flatnonzero(alive)[int(np.argmin(cost))]
+        best = int(np.argmin(cost))
+        pick = np.flatnonzero(alive)[best]
         r = row_of[pick]
+        error += float(cost[best]) / energy
         col = h_inv[:, r] / h_inv[r, r]
         w -= np.outer(col, w[r])
         h_inv -= np.outer(col, h_inv[r])
         h_inv[r, r] = 1.0  # keep the removed row inert
-        scores[pick] = step
+        scores[pick] = error + step * 1e-12  # strictly increasing, even where a removal is free
         alive[pick] = False
     return scores
 

@@ -51,6 +51,8 @@ KINDS = ("channels", "neurons", "heads")
 FIT_RETRIES = 3  # halvings of the ratio tried when the pruned model misses min_cosine
 FIT_MARGIN = 0.25  # aim this share of (1 - min_cosine) above the floor: verification data differ
 FIT_SEED = 7919  # added to the context's seed for synthesized check inputs
+# A group's unit scores, and whether they are relative output errors (comparable across groups).
+Scores = tuple[np.ndarray, bool]
 
 
 @dataclasses.dataclass
@@ -58,7 +60,8 @@ class PruneChannelsConfig:
     ratio: float = option(0.5, "Fraction of each group's units (channels, neurons, heads) removed.")
     scope: Literal["per-group", "global"] = option(
         "per-group", "'per-group': every group loses `ratio`; 'global': the lowest-ranked `ratio` "
-        "of all units (importance normalized per group), so groups lose different amounts.")
+        "of all units, so groups lose different amounts (importance normalized per group; with "
+        "'reconstruction', each layer's relative output error, which compares as it is).")
     importance: Literal["l1", "l2", "activation", "reconstruction"] = option(
         "l2", "'l1'/'l2': norm of a unit's weight slices, summed over its group; 'activation': "
         "what it adds to its consumers' outputs on calibration data (||W[:, c]|| * rms(x_c)); "
@@ -198,14 +201,14 @@ class PruneChannelsPass(OptPass):
         return None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}
 
     def _scorer(self, model: ir.Model, channels: ChannelGraph, cfg: PruneChannelsConfig,
-                notes: dict[str, Any]) -> Callable[[ChannelGroup], np.ndarray]:
+                notes: dict[str, Any]) -> Callable[[ChannelGroup], Scores]:
         """The importance function the config asks for (data-aware ones need calibration)."""
         norm = cfg.importance if cfg.importance in ("l1", "l2") else "l2"
         if cfg.importance in ("l1", "l2"):
-            return lambda group: weight_importance(group, norm)
+            return lambda group: (weight_importance(group, norm), False)
         if not self._fit_data:
             notes["importance"] = f"l2 ({cfg.importance} importance needs calibration data)"
-            return lambda group: weight_importance(group, norm)
+            return lambda group: (weight_importance(group, norm), False)
         eligible = [g for g in channels.groups if _skip_reason(g, cfg) is None]
         inputs = {x.name: (x, axis) for g in eligible for _, x, axis in consumer_inputs(g)}
         rms = channel_rms(model, list(inputs.values()), self._fit_data) if inputs else {}
@@ -215,12 +218,13 @@ class PruneChannelsPass(OptPass):
             grams = gram_matrices(model, [inputs[x.name] for x in dense],
                                   self._fit_data) if dense else {}
 
-        def score(group: ChannelGroup) -> np.ndarray:
+        def score(group: ChannelGroup) -> Scores:
             limit = None if cfg.scope == "global" else _group_removal(group, cfg)
             scores = reconstruction_order(group, grams, cfg.ridge, limit) if grams else None
-            if scores is None:
-                scores = activation_importance(group, rms)
-            return weight_importance(group, norm) if scores is None else scores
+            if scores is not None:
+                return scores, True
+            scores = activation_importance(group, rms)
+            return (weight_importance(group, norm) if scores is None else scores), False
 
         return score
 
@@ -369,20 +373,24 @@ def _emptied(group: ChannelGroup, chosen: list[Unit], dims: dict[Key, int]) -> s
 
 
 def _select(channels: ChannelGraph, cfg: PruneChannelsConfig,
-            score: Callable[[ChannelGroup], np.ndarray]) -> tuple[list[Unit], list[dict[str, Any]]]:
+            score: Callable[[ChannelGroup], Scores]) -> tuple[list[Unit], list[dict[str, Any]]]:
     """The units to remove, and one note per group (a group that cannot be cut safely is
-    skipped with its reason)."""
+    skipped with its reason). Globally, relative output errors pool as they are; other scores
+    are divided by their group's mean first, so layers of different scale weigh alike."""
     notes: list[dict[str, Any]] = []
     eligible: list[tuple[ChannelGroup, np.ndarray]] = []
+    scale: list[float] = []
     for group in channels.groups:
         reason = _skip_reason(group, cfg)
         if reason is None:
-            eligible.append((group, score(group)))
+            scores, relative = score(group)
+            eligible.append((group, scores))
+            scale.append(1.0 if relative else max(float(scores.mean()), 1e-30))
         else:
             notes.append(_group_note(group, len(group.units), reason))
     parts = [_partitions(group) for group, _ in eligible]
     if cfg.scope == "global" and eligible:
-        pooled = [(s / max(scores.mean(), 1e-30), gi, ui)
+        pooled = [(s / scale[gi], gi, ui)
                   for gi, (group, scores) in enumerate(eligible)
                   for ui, (s, unit) in enumerate(zip(scores, group.units)) if not unit.blocked]
         pooled.sort()

@@ -271,6 +271,38 @@ def test_reconstruction_importance_removes_a_duplicate_neuron_exactly() -> None:
     assert np.sum(np.isclose(by_norm.graph.initializers["b1"].const_value.numpy(), b1[2])) == 2
 
 
+MLP2 = """
+mlp2 (float[N, 6] x) => (float[N, 3] y) {
+  [fc1] h1 = MatMul (x, w1)
+  [bias1] a1 = Add (h1, b1)
+  [relu1] r1 = Relu (a1)
+  [fc2] h2 = MatMul (r1, w2)
+  [bias2] a2 = Add (h2, b2)
+  [relu2] r2 = Relu (a2)
+  [fc3] y = MatMul (r2, w3)
+}
+"""
+
+
+def test_global_reconstruction_takes_from_the_layer_that_loses_least() -> None:
+    # fc1's neurons 6-9 duplicate neurons 0-3 and fc2's neuron 8 never fires on these inputs,
+    # so removing those 5 costs nothing after the refit. Ranked by relative output error, the
+    # global 25% (5 of 20) are exactly those, and outputs are unchanged (ranks normalized per
+    # group would take 2-3 from each layer).
+    model = build(MLP2, dict(w1=(6, 10), b1=(10,), w2=(10, 10), b2=(10,), w3=(10, 3)))
+    inits = model.graph.initializers
+    w1, b1 = (inits[n].const_value.numpy().copy() for n in ("w1", "b1"))
+    w1[:, 6:], b1[6:] = w1[:, :4], b1[:4]
+    for name, array in (("w1", w1), ("b1", b1)):
+        inits[name].const_value = ir.Tensor(array, name=name)
+    calibration = [feeds_for((64, 6), seed=40 + i) for i in range(2)]
+    pruned, opt = prune(model, calibration, ratio=0.25, scope="global",
+                        importance="reconstruction", ridge=1e-9)
+    kept = {g["group"]: g["kept"] for g in opt.notes["groups"] if "skipped" not in g}
+    assert kept == {"fc1 out -> fc2 in": 6, "fc2 out -> fc3 in": 9}
+    assert_same_outputs(pruned, model, feeds_for((16, 6), seed=50), tol=1e-4)
+
+
 def test_without_calibration_reconstruction_is_skipped_and_said() -> None:
     _, opt = prune(resnet_like(), None, ratio=0.5)
     assert opt.notes["reconstruction"] == "skipped: no calibration data"
