@@ -121,10 +121,14 @@ def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
             continue
         name, dtype, shape = output.name, output.type, output.shape
         graph.outputs[index] = source
+        params = [v for v in (*dq.inputs[1:], *q.inputs[1:]) if v is not None]
         graph.remove(dq, safe=True)
         if not q.outputs[0].uses():
             graph.remove(q, safe=True)
         source.name, source.type, source.shape = name, dtype, shape
+        for value in params:  # their scales and zero points, unless something else reads them
+            if value.is_initializer() and not value.uses() and value.name in graph.initializers:
+                del graph.initializers[value.name]
     return ir.serde.serialize_model(model)
 
 

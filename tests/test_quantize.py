@@ -208,6 +208,17 @@ def test_a_saved_table_gives_the_identical_model(tmp_path: Path) -> None:
                  calibration=batches((4, 9, 9)))
 
 
+def test_static_qdq_leaves_outputs_float_and_no_unused_initializer() -> None:
+    """The Quantize/Dequantize pair in front of a graph output goes, and with it its scale and
+    zero point (ORT warned "Removing initializer ... not used by any node" at every load)."""
+    out, _, _ = quantize(mlp_proto(), {"mode": "static"}, calibration=batches((16,), seed=1))
+    proto = ir.serde.serialize_model(out)
+    last = next(n for n in proto.graph.node if proto.graph.output[0].name in n.output)
+    assert last.op_type != "DequantizeLinear"
+    read = {name for n in proto.graph.node for name in n.input}
+    assert [i.name for i in proto.graph.initializer if i.name not in read] == []
+
+
 # --- accuracy-aware -------------------------------------------------------------------------
 
 
