@@ -271,17 +271,14 @@ def test_reconstruction_importance_removes_a_duplicate_neuron_exactly() -> None:
     assert np.sum(np.isclose(by_norm.graph.initializers["b1"].const_value.numpy(), b1[2])) == 2
 
 
-MLP2 = """
-mlp2 (float[N, 6] x) => (float[N, 3] y) {
-  [fc1] h1 = MatMul (x, w1)
-  [bias1] a1 = Add (h1, b1)
-  [relu1] r1 = Relu (a1)
-  [fc2] h2 = MatMul (r1, w2)
-  [bias2] a2 = Add (h2, b2)
-  [relu2] r2 = Relu (a2)
-  [fc3] y = MatMul (r2, w3)
-}
-"""
+def deep_mlp(hidden: int) -> str:
+    """``hidden`` MatMul-Add-Relu layers (fc1, fc2, ...) and a last MatMul to y."""
+    lines = [f"  [fc{i}] h{i} = MatMul ({'x' if i == 1 else f'r{i - 1}'}, w{i})\n"
+             f"  [bias{i}] a{i} = Add (h{i}, b{i})\n  [relu{i}] r{i} = Relu (a{i})\n"
+             for i in range(1, hidden + 1)]
+    last = hidden + 1
+    return (f"deep (float[N, 6] x) => (float[N, 3] y) {{\n{''.join(lines)}"
+            f"  [fc{last}] y = MatMul (r{hidden}, w{last})\n}}")
 
 
 def test_global_reconstruction_takes_from_the_layer_that_loses_least() -> None:
@@ -289,7 +286,7 @@ def test_global_reconstruction_takes_from_the_layer_that_loses_least() -> None:
     # so removing those 5 costs nothing after the refit. Ranked by relative output error, the
     # global 25% (5 of 20) are exactly those, and outputs are unchanged (ranks normalized per
     # group would take 2-3 from each layer).
-    model = build(MLP2, dict(w1=(6, 10), b1=(10,), w2=(10, 10), b2=(10,), w3=(10, 3)))
+    model = build(deep_mlp(2), dict(w1=(6, 10), b1=(10,), w2=(10, 10), b2=(10,), w3=(10, 3)))
     inits = model.graph.initializers
     w1, b1 = (inits[n].const_value.numpy().copy() for n in ("w1", "b1"))
     w1[:, 6:], b1[6:] = w1[:, :4], b1[:4]
