@@ -157,17 +157,49 @@ def node_macs(model: ir.Model | onnx.ModelProto,
 def _mac_table(proto: onnx.ModelProto,
                shapes: Mapping[str, list[int]] | None) -> list[tuple[onnx.NodeProto, int | None]]:
     """Each ``MAC_OPS`` node with its MACs, after shape inference on static input shapes."""
+    return _macs_of(_inferred(proto, shapes))
+
+
+def _inferred(proto: onnx.ModelProto,
+              shapes: Mapping[str, list[int]] | None) -> onnx.ModelProto:
+    """``proto`` on static input shapes with shapes inferred: ONNX's inference, then ORT's
+    symbolic one when a ``MAC_OPS`` node's shapes are still unknown."""
     proto = _with_static_inputs(proto, shapes or {})
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # shape inference rejects some contrib ops; count what we can
         pass
-    table = _macs_of(proto)
-    if any(n is None for _, n in table):
+    if any(n is None for _, n in _macs_of(proto)):
         symbolic = _symbolic_shapes(proto)
         if symbolic is not None:
-            table = _macs_of(symbolic)
-    return table
+            return symbolic
+    return proto
+
+
+def attention_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None
+                   ) -> dict[str, tuple[int, int]]:
+    """Per ORT Attention node (com.microsoft) with known shapes: MACs of its Q/K/V projection
+    and of its two S x S products (Q K^T, softmax(.) V). QAttention runs the first in INT8 and
+    the second in float, so an INT8 share of MACs needs them apart."""
+    if not any(n.op_type == "Attention" for n in proto.graph.node):
+        return {}
+    inferred = _inferred(proto, shapes)
+    known = _known_shapes(inferred)
+    found = {}
+    for node in inferred.graph.node:
+        parts = _attention_parts(known.get(node.input[0]), known.get(node.input[1])) \
+            if node.op_type == "Attention" and len(node.input) > 1 else None
+        if parts is not None:
+            found[node.name] = parts
+    return found
+
+
+def _attention_parts(a: list[int] | None, w: list[int] | None) -> tuple[int, int] | None:
+    """(projection, S x S products) MACs of Attention on input ``a`` [B, S, H_in], weight ``w``."""
+    if a is None or w is None or len(a) != 3 or len(w) != 2:
+        return None
+    batch, seq, _ = a
+    return math.prod(a) * w[1], 2 * batch * seq * seq * (w[1] // 3)
 
 
 def _macs_of(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int | None]]:
@@ -267,11 +299,8 @@ def _node_macs(node: onnx.NodeProto, known: dict[str, list[int]]) -> int | None:
             return None
         return math.prod(out) * a[-1]
     if op in ("Attention", "QAttention"):  # com.microsoft: QKV projection, then two S x S products
-        if a is None or w is None or len(a) != 3 or len(w) != 2:
-            return None
-        batch, seq, _ = a
-        hidden = w[1] // 3
-        return math.prod(a) * w[1] + 2 * batch * seq * seq * hidden
+        parts = _attention_parts(a, w)
+        return None if parts is None else sum(parts)
     if op == "MultiHeadAttention":  # com.microsoft, projected Q, K, V: Q K^T and softmax(.) V
         k = known.get(node.input[1]) if len(node.input) > 1 else None
         if a is None or k is None or len(a) != 3 or len(k) != 3:

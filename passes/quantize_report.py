@@ -2,7 +2,7 @@
 
 Plain data for the pass's ``notes``: ``sensitivity`` (one record per Conv/MatMul/Gemm, most
 sensitive first), ``excluded`` (node -> reason) and ``int8_mac_share`` (the share of the model's
-multiply-accumulates that run in INT8).
+multiply-accumulates that run in INT8, fused Attention included).
 """
 
 from __future__ import annotations
@@ -51,9 +51,22 @@ def sensitivity_report(prepared: PreparedModel, ranking: list[NodeSensitivity],
             row.output_sqnr_db = output_sqnr.get(n.output)
         row.reason = None if row.int8 else _why_float(n, plan, result, shallow, min_depth)
         report.append(row.to_dict())
-    share = sum(n.macs for n in prepared.nodes if n.name in quantized) / total
-    return {"sensitivity": report, "int8_mac_share": round(share, 4),
+    return {"sensitivity": report, "int8_mac_share": round(int8_mac_share(prepared, spec), 4),
             "excluded": {r["node"]: r["reason"] for r in report if not r["int8"]}}
+
+
+def int8_mac_share(prepared: PreparedModel, spec: QuantSpec | None) -> float:
+    """The share of all MACs that ``spec`` runs in INT8. A fused Attention counts whole in the
+    total; dynamic mode makes it QAttention, whose Q/K/V projection runs in INT8 (its two S x S
+    products stay float); ORT's static quantizers leave Attention float."""
+    quantized = quantized_nodes(prepared, spec) if spec else set()
+    int8 = sum(n.macs for n in prepared.nodes if n.name in quantized)
+    if spec is not None and spec.mode == "dynamic" and (
+            spec.op_types is None or "Attention" in spec.op_types):
+        int8 += sum(projection for name, (projection, _) in prepared.attention.items()
+                    if name not in spec.exclude)
+    total = prepared.total_macs + sum(p + s for p, s in prepared.attention.values())
+    return int8 / max(total, 1)
 
 
 def _why_float(node: ComputeNode, plan: FloatPlan, result: SearchResult | None,

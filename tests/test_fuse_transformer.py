@@ -18,6 +18,7 @@ from onnxopt.passes.fusion import FusePass
 from onnxopt.passes.transformer import TRANSFORMER_BUDGET, FuseTransformerPass
 from onnxopt.recipes import load_recipe
 from onnxopt.registry import pass_class
+from onnxopt.stats import attention_macs, node_macs
 
 SEQ_LEN = 32  # MiniLM's fusions do not depend on the length; short keeps the test fast
 
@@ -373,3 +374,14 @@ def test_int8_recipe_quantizes_attention_into_qattention() -> None:
     ops = Counter(n.op_type for n in out.graph.all_nodes())
     assert ops["QAttention"] == 1 and ops["Attention"] == 0
     assert cosine_similarity(run(model, feeds), run(out, feeds)) >= 0.99
+    # The INT8 share of MACs counts the Attention: its projection in INT8, its S x S products not.
+    fused, _ = onnxopt.optimize(model.clone(), ["cleanup", "fuse", "fuse-transformer"],
+                                calibration=[feeds])
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    proto = ir.serde.serialize_model(fused)
+    (name, (projection, products)), = attention_macs(proto, shapes).items()
+    matmul = sum(n or 0 for k, n in node_macs(proto, shapes).items() if k != name)
+    assert products > 0 and matmul > 0
+    share = report.passes[-1].notes["int8_mac_share"]
+    assert share == pytest.approx((projection + matmul) / (projection + products + matmul),
+                                  abs=1e-4)
