@@ -437,6 +437,10 @@ def measure_interleaved(
     configured sessions, as ``onnxopt tune`` compares): warm-up, then interleaved rounds of
     blocks with settle runs after each switch, then bootstrap intervals of the speed-ups.
 
+    ``block_s`` and ``settle_s`` size blocks and settling when ``block``/``settle`` are not
+    given; callables with several intra-op threads need ``THREADED_BLOCK_S`` and
+    ``THREADED_SETTLE_S`` (see the module docstring).
+
     Returns one dict per callable (:func:`runner.latency_stats` keys plus ``rounds``, ``block``,
     ``settle``, ``cpu_seconds_per_inference``, ``speedup`` against the first callable and
     ``speedup_ci95``) and the rounds, block sizes and settle runs used.
