@@ -501,7 +501,8 @@ def _output_sqnr(proto: onnx.ModelProto, activations: dict[str, np.ndarray], sam
     """SQNR of every compute node's output in the chosen model against FP32."""
     quantized = capture(proto, sample)
     return {n.output: sqnr_db(activations[n.output], quantized[n.output])
-            for n in prepared.nodes if n.output in activations and n.output in quantized
+            for n in prepared.nodes + prepared.attention_nodes
+            if n.output in activations and n.output in quantized
             and activations[n.output].shape == quantized[n.output].shape}
 
 

@@ -31,17 +31,23 @@ def small_batch(batch: Feeds, limit: int = SAMPLE_LIMIT, fixed_batch: bool = Fal
 
 def capture(proto: onnx.ModelProto, feeds: Feeds,
             config: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-    """Tensor name -> value for the float graph inputs and float node outputs (``config``: ORT
-    session config entries, e.g. where the external data of a model over 2 GB is)."""
+    """Tensor name -> value for the float graph inputs and float node outputs, and every input of
+    an ORT Attention node (``config``: ORT session config entries, e.g. where the external data
+    of a model over 2 GB is)."""
     model = ir.serde.deserialize_model(proto)
     graph = model.graph
     outputs = {v.name for v in graph.outputs}
+    # An ORT Attention also needs its integer mask to run alone (per-node SQNR).
+    attention_inputs = {v.name for n in graph if n.op_type == "Attention" for v in n.inputs
+                        if v is not None}
     for node in graph:
         for value in node.outputs:
-            if value.name not in outputs and value.dtype in _FLOATS:
+            if value.name not in outputs and (value.dtype in _FLOATS
+                                              or value.name in attention_inputs):
                 graph.outputs.append(value)
                 outputs.add(value.name)
     session = session_for(model, threads=None, opt_level="disabled", config=config)
     values = runner.run(session, feeds)
-    values.update({k: v for k, v in feeds.items() if v.dtype.kind == "f"})
+    values.update({k: v for k, v in feeds.items()
+                   if v.dtype.kind == "f" or k in attention_inputs})
     return values

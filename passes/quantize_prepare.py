@@ -65,13 +65,16 @@ class PreparedModel:
     path: Path
     nodes: list[ComputeNode]
     notes: list[str]
-    # ORT Attention nodes (from fuse-transformer): (Q/K/V projection MACs, S x S products' MACs).
-    # Not searched; counted in the report's INT8 share of MACs.
+    # ORT Attention nodes (from fuse-transformer): (Q/K/V projection MACs, S x S products' MACs),
+    # for the report's INT8 share of MACs; and as nodes, for dynamic mode's search, which can
+    # keep one float (ORT's dynamic quantizer makes the others QAttention).
     attention: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    attention_nodes: list[ComputeNode] = dataclasses.field(default_factory=list)
 
     @property
     def total_macs(self) -> int:
-        return sum(n.macs for n in self.nodes)
+        """Compute nodes' MACs and the fused Attentions' (projections and S x S products)."""
+        return sum(n.macs for n in self.nodes) + sum(p + s for p, s in self.attention.values())
 
     def node(self, name: str) -> ComputeNode | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -125,8 +128,9 @@ def prepare(model: ir.Model, workdir: Path,
     else:
         _pre_process(ir.serde.serialize_model(work), path, notes)
         proto = onnx.load(str(path))
-    return PreparedModel(proto, path, compute_nodes(proto, shapes), notes,
-                         attention_macs(proto, shapes))
+    attention = attention_macs(proto, shapes)
+    return PreparedModel(proto, path, compute_nodes(proto, shapes), notes, attention,
+                         _attention_nodes(proto, attention))
 
 
 def compute_nodes(proto: onnx.ModelProto,
@@ -145,6 +149,20 @@ def compute_nodes(proto: onnx.ModelProto,
         depth = _depth(node, w_shape, a_shape)
         nodes.append(ComputeNode(node.name, node.op_type, int(macs.get(node.name) or 0), depth,
                                  weight, node.output[0]))
+    return nodes
+
+
+def _attention_nodes(proto: onnx.ModelProto,
+                     attention: dict[str, tuple[int, int]]) -> list[ComputeNode]:
+    """The ORT Attention nodes with a constant Q/K/V weight [hidden, 3 * hidden], as nodes the
+    dynamic search may keep float (depth: the hidden size each projection output reduces)."""
+    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+    nodes = []
+    for node in proto.graph.node:
+        w_shape = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type == "Attention" and node.name in attention and w_shape:
+            nodes.append(ComputeNode(node.name, "Attention", sum(attention[node.name]),
+                                     w_shape[0], node.input[1], node.output[0]))
     return nodes
 
 

@@ -26,6 +26,8 @@ def quantized_nodes(prepared: PreparedModel, spec: QuantSpec) -> set[str]:
         if spec.op_types is not None and n.op_type not in spec.op_types:
             continue
         names.add(n.name)
+    if spec.mode == "dynamic" and (spec.op_types is None or "Attention" in spec.op_types):
+        names.update(n.name for n in prepared.attention_nodes if n.name not in spec.exclude)
     return names
 
 
@@ -36,8 +38,9 @@ def sensitivity_report(prepared: PreparedModel, ranking: list[NodeSensitivity],
     spec = result.spec if result is not None else None
     quantized = quantized_nodes(prepared, spec) if spec else set()
     rows = {r.node: r for r in ranking}
-    order = [r.node for r in ranking] + [n.name for n in prepared.nodes if n.name not in rows]
-    by_name = {n.name: n for n in prepared.nodes}
+    candidates = prepared.nodes + prepared.attention_nodes
+    order = [r.node for r in ranking] + [n.name for n in candidates if n.name not in rows]
+    by_name = {n.name: n for n in candidates}
     total = max(prepared.total_macs, 1)
     report = []
     for name in order:
@@ -61,12 +64,9 @@ def int8_mac_share(prepared: PreparedModel, spec: QuantSpec | None) -> float:
     products stay float); ORT's static quantizers leave Attention float."""
     quantized = quantized_nodes(prepared, spec) if spec else set()
     int8 = sum(n.macs for n in prepared.nodes if n.name in quantized)
-    if spec is not None and spec.mode == "dynamic" and (
-            spec.op_types is None or "Attention" in spec.op_types):
-        int8 += sum(projection for name, (projection, _) in prepared.attention.items()
-                    if name not in spec.exclude)
-    total = prepared.total_macs + sum(p + s for p, s in prepared.attention.values())
-    return int8 / max(total, 1)
+    int8 += sum(projection for name, (projection, _) in prepared.attention.items()
+                if name in quantized)
+    return int8 / max(prepared.total_macs, 1)
 
 
 def _why_float(node: ComputeNode, plan: FloatPlan, result: SearchResult | None,
@@ -77,6 +77,8 @@ def _why_float(node: ComputeNode, plan: FloatPlan, result: SearchResult | None,
     planned = plan.dynamic if spec.mode == "dynamic" else plan.static
     if node.name in planned:
         return planned[node.name]
+    if node.op_type == "Attention" and spec.mode == "static":
+        return "static quantization leaves Attention float (ORT quantizes it dynamically only)"
     if spec.mode == "dynamic" and (node.op_type not in DYNAMIC_OPS or node.weight is None):
         return ("dynamic mode quantizes MatMul/Gemm with a constant operand only (ConvInteger "
                 "is 5-9x slower than FP32 Conv; activation x activation products need ranges)")

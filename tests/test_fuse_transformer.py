@@ -351,13 +351,10 @@ def test_quantizable_attention_can_be_turned_off() -> None:
     assert "qkv_hidden_sizes" in attention.attributes and attention.inputs[5] is not None
 
 
-def test_int8_recipe_quantizes_attention_into_qattention() -> None:
-    """The `int8` recipe runs fuse-transformer, so ORT's dynamic quantizer sees an Attention it
-    can turn into QAttention (the QKV projection in INT8)."""
-    import onnxopt
-
+def _projected_attention_block() -> ir.Model:
+    """The attention block with an output projection (a MatMul), as every transformer has."""
     model = _attention_block(STANDARD_MASK)
-    attention = model.graph.outputs[0]  # add an output projection, as every transformer has
+    attention = model.graph.outputs[0]
     weight = ir.Value(name="w_out", const_value=ir.tensor(
         np.random.default_rng(1).normal(0, 0.5, (8, 8)).astype(np.float32)))
     model.graph.register_initializer(weight)
@@ -366,6 +363,15 @@ def test_int8_recipe_quantizes_attention_into_qattention() -> None:
     projected.name, projected.type, projected.shape = "z", attention.type, attention.shape
     model.graph.append(projection)
     model.graph.outputs[0] = projected
+    return model
+
+
+def test_int8_recipe_quantizes_attention_into_qattention() -> None:
+    """The `int8` recipe runs fuse-transformer, so ORT's dynamic quantizer sees an Attention it
+    can turn into QAttention (the QKV projection in INT8)."""
+    import onnxopt
+
+    model = _projected_attention_block()
     feeds = _attention_feeds()
     out, report = onnxopt.optimize(
         model.clone(), "int8", calibration=[feeds],
@@ -385,3 +391,31 @@ def test_int8_recipe_quantizes_attention_into_qattention() -> None:
     share = report.passes[-1].notes["int8_mac_share"]
     assert share == pytest.approx((projection + matmul) / (projection + products + matmul),
                                   abs=1e-4)
+
+
+def test_accuracy_search_keeps_a_sensitive_attention_float() -> None:
+    """A Q/K/V weight row of 500 on an input feature that is always 0: FP32 is unchanged, but
+    INT8 (per tensor or per column) rounds every other weight of the Attention to 0. The search
+    ranks the Attention by its SQNR, keeps it float and leaves the MatMul in INT8."""
+    import onnxopt
+
+    model = _projected_attention_block()
+    weight = model.graph.initializers["w"]
+    w = weight.const_value.numpy().copy()
+    w[5, :] = 500.0
+    weight.const_value = ir.tensor(w, name="w")
+    feeds = _attention_feeds()
+    feeds["x"][..., 5] = 0.0
+    out, report = onnxopt.optimize(
+        model.clone(), "int8", calibration=[feeds], evaluation=(feeds, None),
+        overrides={"quantize.measure_latency": False, "quantize.mode": "dynamic",
+                   "max_drop": 0.01})
+    ops = Counter(n.op_type for n in out.graph.all_nodes())
+    assert ops["Attention"] == 1 and ops["QAttention"] == 0
+    assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] == 1
+    notes = report.passes[-1].notes
+    rows = {r["node"]: r for r in notes["sensitivity"]}
+    attention = next(r for r in rows.values() if r["op_type"] == "Attention")
+    assert attention["sqnr_db"] < min(r["sqnr_db"] for r in rows.values() if r is not attention)
+    assert not attention["int8"] and "sensitivity search" in attention["reason"]
+    assert cosine_similarity(run(model, feeds), run(out, feeds)) >= 0.99
