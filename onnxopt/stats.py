@@ -181,9 +181,19 @@ def attention_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | Non
     """Per ORT Attention node (com.microsoft) with known shapes: MACs of its Q/K/V projection
     and of its two S x S products (Q K^T, softmax(.) V). QAttention runs the first in INT8 and
     the second in float, so an INT8 share of MACs needs them apart."""
-    if not any(n.op_type == "Attention" for n in proto.graph.node):
-        return {}
+    return node_and_attention_macs(proto, shapes)[1]
+
+
+def node_and_attention_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None
+                            ) -> tuple[dict[str, int | None], dict[str, tuple[int, int]]]:
+    """:func:`node_macs` and :func:`attention_macs` from one shape inference."""
     inferred = _inferred(proto, shapes)
+    return {node.name: n for node, n in _macs_of(inferred)}, _attention_split(inferred)
+
+
+def _attention_split(inferred: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    if not any(n.op_type == "Attention" for n in inferred.graph.node):
+        return {}
     known = _known_shapes(inferred)
     found = {}
     for node in inferred.graph.node:

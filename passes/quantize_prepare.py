@@ -31,7 +31,7 @@ from onnxruntime.quantization import quant_pre_process
 
 from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, MIN_OPSET, is_big, release_mappings,
                               upgrade_opset)
-from onnxopt.stats import attention_macs, node_macs
+from onnxopt.stats import node_and_attention_macs
 
 # Node types whose arithmetic INT8 speeds up; everything else is only carried along in QDQ form.
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -128,17 +128,16 @@ def prepare(model: ir.Model, workdir: Path,
     else:
         _pre_process(ir.serde.serialize_model(work), path, notes)
         proto = onnx.load(str(path))
-    attention = attention_macs(proto, shapes)
-    return PreparedModel(proto, path, compute_nodes(proto, shapes), notes, attention,
+    macs, attention = node_and_attention_macs(proto, shapes)
+    return PreparedModel(proto, path, compute_nodes(proto, macs), notes, attention,
                          _attention_nodes(proto, attention))
 
 
-def compute_nodes(proto: onnx.ModelProto,
-                  shapes: Mapping[str, list[int]] | None = None) -> list[ComputeNode]:
-    """Every Conv / MatMul / Gemm with float inputs, with its MACs and reduction depth."""
+def compute_nodes(proto: onnx.ModelProto, macs: Mapping[str, int | None]) -> list[ComputeNode]:
+    """Every Conv / MatMul / Gemm with float inputs, with its MACs (``macs``: by node name, as
+    :func:`onnxopt.stats.node_macs` counts them) and reduction depth."""
     inits = {t.name: list(t.dims) for t in proto.graph.initializer}
     value_shapes = _value_shapes(proto)
-    macs = node_macs(proto, shapes)
     nodes = []
     for node in proto.graph.node:
         if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx"):

@@ -11,8 +11,8 @@ Two stages, cheap then exact:
    per-channel, 7 or 8 bits) and its inputs quantized with their calibrated ranges. Lower is
    worse.
 2. *Leave-one-out on the evaluation set* for the ``top_k`` lowest-SQNR nodes (and as many
-   fused Attentions, ranked apart): the metric with only that node in FP32. Nodes are then fallen back greedily, the largest gain per share of
-   MACs first (a fallback costs latency in proportion to the MACs it moves back to FP32), each
+   fused Attentions, ranked apart): the metric with only that node in FP32. Nodes are then
+   fallen back greedily, the largest gain per share of MACs first (a fallback costs latency in proportion to the MACs it moves back to FP32), each
    step re-converted and re-scored, until the budget holds or ``max_steps`` runs out.
 """
 
