@@ -10,7 +10,10 @@ weights so that its output, computed from the *pruned* network's activations, ma
 with X' the consumer's inputs in the pruned model (im2col patches for a convolution), Y its
 original outputs (at sampled positions), W0 the pruned weights and lambda relative to the mean
 diagonal of X'^T X'. Layers are refitted in dependency order ("waves"), so each one also absorbs
-the error of the refits above it. A BatchNormalization downstream of a refit gets its running
+the error of the refits above it. A layer whose output runs into a residual join (Add with
+another branch: a transformer's FFN, a ResNet block after BN folding) is fitted to the join's
+original sum minus the pruned model's other branch, so it also takes out what it can of the error
+the residual stream carries from pruned layers upstream. A BatchNormalization downstream of a refit gets its running
 mean and variance moved so its output keeps the original first two moments per channel.
 
 Why by hand: no library reconstructs layers of an ONNX graph. Activations come from ONNX Runtime
@@ -45,6 +48,21 @@ class _Step:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     wave: int = 0
     skip: str | None = None
+    join: _Join | None = None
+
+
+@dataclasses.dataclass
+class _Join:
+    """A residual join the layer's output runs into: ``sum = layer (+ bias) + other``.
+
+    Fitting the layer to ``sum_original - other_pruned - bias`` rather than to its own original
+    output lets it also absorb the error the pruning left in the other branch (the residual
+    stream of a transformer or a ResNet), the error that is otherwise carried on unchanged.
+    """
+
+    add: ir.Node
+    other: ir.Value
+    bias: np.ndarray | None  # constant added between the layer and the join
 
 
 def refittable(node: ir.Node) -> str | None:
@@ -95,6 +113,15 @@ class Reconstruction:
             self.steps.append(_Step(node, kind, kept, skip=reason))
         for node, kept in batchnorms:
             self.steps.append(_Step(node, "batchnorm", kept))
+        active = [s for s in self.steps if s.skip is None]
+        level = _assign_waves(model.graph, active)
+        for step in active:
+            if step.kind != "batchnorm":
+                join = _residual_join(step.node)
+                # Only when the other branch is final by this step's wave: when both branches
+                # hold refitted layers, the later one absorbs the other's error, not both.
+                if join is not None and level.get(id(join.other), 0) <= step.wave:
+                    step.join = join
 
     # -- before pruning -------------------------------------------------------------------------
 
@@ -102,17 +129,24 @@ class Reconstruction:
         """Run the unpruned model once per batch; keep sampled outputs and BN input moments."""
         active = [s for s in self.steps if s.skip is None]
         names = [_target_name(s) for s in active]
+        names += [v.name for s in active if s.join for v in (s.join.add.outputs[0], s.join.other)]
         if not active:
             return
         session = session_with_outputs(self.model, names)
         rows_per_batch = max(1, math.ceil(self.samples / len(self.calibration)))
         for b, feeds in enumerate(self.calibration):
-            outputs = runner.run(session, feeds)
+            outputs = {**feeds, **runner.run(session, feeds)}
             for i, step in enumerate(active):
                 y = outputs[_target_name(step)]
                 if step.kind == "batchnorm":
                     _accumulate_moments(step.stats, "orig", _channels(y, step.kept, axis=1))
                     continue
+                if step.join is not None:
+                    total = outputs[step.join.add.outputs[0].name]
+                    if b == 0 and not total.shape == y.shape == outputs[step.join.other.name].shape:
+                        step.join = None  # a broadcasting join: fit the layer's own output
+                    else:
+                        y = total
                 rng = np.random.default_rng([self.seed, i, b])
                 positions, rows = _sample_rows(step.kind, y, rows_per_batch, rng)
                 if step.kept is not None:
@@ -128,15 +162,20 @@ class Reconstruction:
         _assign_waves(self.model.graph, active)
         for wave in sorted({s.wave for s in active}):
             steps = [s for s in active if s.wave == wave]
-            session = session_with_outputs(self.model, [s.node.inputs[0].name for s in steps])
+            names = [s.node.inputs[0].name for s in steps]
+            names += [s.join.other.name for s in steps if s.join]
+            session = session_with_outputs(self.model, names)
             for b, feeds in enumerate(self.calibration):
-                outputs = runner.run(session, feeds)
+                outputs = {**feeds, **runner.run(session, feeds)}
                 for step in steps:
                     x = outputs[step.node.inputs[0].name]
                     if step.kind == "batchnorm":
                         _accumulate_moments(step.stats, "new", x)
-                    else:
-                        _accumulate_normal_equations(step, x, b)
+                        continue
+                    y = step.targets[b]
+                    if step.join is not None:
+                        y = y - _join_offset(step, outputs[step.join.other.name], b)
+                    _accumulate_normal_equations(step, x, y, b)
             for step in steps:
                 if step.kind == "batchnorm":
                     _update_batchnorm(step)
@@ -155,7 +194,8 @@ def _target_name(step: _Step) -> str:
 def session_with_outputs(model: ir.Model, names: Sequence[str]) -> Any:
     """An ORT session over ``model`` with ``names`` added as outputs (the model is restored)."""
     values = {v.name: v for node in model.graph for v in node.outputs if v.name}
-    extra = [values[n] for n in dict.fromkeys(names) if not values[n].is_graph_output()]
+    extra = [values[n] for n in dict.fromkeys(names)
+             if n in values and not values[n].is_graph_output()]  # else a graph input
     graph = model.graph
     graph.outputs.extend(extra)
     try:
@@ -166,8 +206,39 @@ def session_with_outputs(model: ir.Model, names: Sequence[str]) -> Any:
     return runner.create_session(data, opt_level="basic")
 
 
-def _assign_waves(graph: ir.Graph, steps: list[_Step]) -> None:
-    """Wave of a step = number of steps upstream of it: a wave's inputs are final."""
+def _residual_join(node: ir.Node) -> _Join | None:
+    """The Add that joins ``node``'s output (through a MatMul's bias Add) with another branch."""
+    value, bias = node.outputs[0], None
+    for _ in range(2):
+        uses = value.uses()
+        if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != "Add":
+            return None
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        if other is None:
+            return None
+        if other.const_value is None:
+            return _Join(add, other, bias)
+        if node.op_type != "MatMul" or bias is not None:
+            return None
+        bias, value = other.const_value.numpy().astype(np.float64).reshape(-1), add.outputs[0]
+    return None
+
+
+def _join_offset(step: _Step, other: np.ndarray, batch: int) -> np.ndarray:
+    """What the join adds besides the layer, at the sampled rows: the pruned model's other
+    branch (and the MatMul's original bias, which the fit's intercept corrects)."""
+    assert step.join is not None
+    offset = _output_rows(step.kind, other, step.positions[batch]).astype(np.float64)
+    if step.join.bias is not None:
+        offset = offset + _channels(step.join.bias, step.kept, axis=0)
+    return offset
+
+
+def _assign_waves(graph: ir.Graph, steps: list[_Step]) -> dict[int, int]:
+    """Wave of a step = number of steps upstream of it: a wave's inputs are final.
+
+    Returns the level (steps upstream) of every value, by ``id``."""
     by_node = {id(s.node): s for s in steps}
     level: dict[int, int] = {}
     for node in graph:
@@ -178,6 +249,7 @@ def _assign_waves(graph: ir.Graph, steps: list[_Step]) -> None:
             lv += 1
         for out in node.outputs:
             level[id(out)] = lv
+    return level
 
 
 def _channels(x: np.ndarray, kept: np.ndarray | None, axis: int) -> np.ndarray:
@@ -199,11 +271,19 @@ def _sample_rows(kind: StepKind, y: np.ndarray, k: int,
         n, c, oh, ow = y.shape
         flat = rng.choice(n * oh * ow, size=min(k, n * oh * ow), replace=False)
         ni, rest = np.divmod(flat, oh * ow)
-        hi, wi = np.divmod(rest, ow)
-        return (ni, hi, wi), y[ni, :, hi, wi]
-    rows = y.reshape(-1, y.shape[-1])
-    idx = rng.choice(len(rows), size=min(k, len(rows)), replace=False)
-    return idx, rows[idx]
+        positions: Any = (ni, *np.divmod(rest, ow))
+    else:
+        count = y.size // y.shape[-1]
+        positions = rng.choice(count, size=min(k, count), replace=False)
+    return positions, _output_rows(kind, y, positions)
+
+
+def _output_rows(kind: StepKind, y: np.ndarray, positions: Any) -> np.ndarray:
+    """Rows of a layer-output-shaped tensor at sampled positions (channels last)."""
+    if kind == "conv":
+        ni, hi, wi = positions
+        return y[ni, :, hi, wi]
+    return y.reshape(-1, y.shape[-1])[positions]
 
 
 def _conv_pads(node: ir.Node, x_hw: tuple[int, int], y_hw: tuple[int, int],
@@ -251,11 +331,10 @@ def _inputs_at(step: _Step, x: np.ndarray, batch: int) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])[positions]
 
 
-def _accumulate_normal_equations(step: _Step, x: np.ndarray, batch: int) -> None:
+def _accumulate_normal_equations(step: _Step, x: np.ndarray, y: np.ndarray, batch: int) -> None:
     rows = _inputs_at(step, x, batch).astype(np.float64)
     if _intercept(step) is not None:
         rows = np.hstack([rows, np.ones((len(rows), 1))])
-    y = step.targets[batch]
     st = step.stats
     st["xtx"] = st.get("xtx", 0.0) + rows.T @ rows
     st["xty"] = st.get("xty", 0.0) + rows.T @ y
@@ -391,6 +470,8 @@ def _report(step: _Step) -> dict[str, Any]:
     if step.kind == "batchnorm":
         entry["max_mean_shift_in_std"] = round(st.get("max_mean_shift", 0.0), 6)
     else:
+        if step.join is not None:
+            entry["target"] = f"residual sum {step.join.add.name}"
         entry.update(rows=int(st.get("rows", 0)),
                      rel_error_before=round(st.get("error_before", float("nan")), 6),
                      rel_error_after=round(st.get("error_after", float("nan")), 6))
