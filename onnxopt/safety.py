@@ -139,6 +139,7 @@ def _check_extent(tensor: onnx.TensorProto, info: Mapping[str, str], size: int, 
 
 _FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
              if hasattr(onnx.TensorProto, n)}
+_TWO_BIT = {getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
@@ -146,6 +147,8 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     count = math.prod(tensor.dims)
     if tensor.data_type in _FOUR_BIT:
         return (count + 1) // 2
+    if tensor.data_type in _TWO_BIT:
+        return (count + 3) // 4
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     except (KeyError, ValueError):

@@ -93,8 +93,9 @@ class DeepCompressConfig:
     damp: float = option(1e-3, "Ridge term of the least-squares refits.")
     calibration_rows: int = option(200_000, "Most activation rows per layer the refits read.")
     iterations: int = option(50, "Most k-means iterations per tensor.")
-    index_dtype: Literal["auto", "uint8"] = option(
-        "auto", "'auto': UINT4 codes for layers of at most 4 bits (moves the model to opset 21).")
+    index_dtype: share_weights.IndexChoice = option(
+        "auto", "'auto': UINT2 codes for layers of at most 2 bits (moves the model to opset 25), "
+        "UINT4 for at most 4 (opset 21); 'uint4': at most opset 21; 'uint8': the opset is kept.")
     fp16_biases: bool = option(
         True, "Store the biases of compressed layers as float16 behind a Cast (checked by the "
         "search like everything else); biases are about a tenth of a compressed LeNet-5.")
@@ -227,8 +228,7 @@ class DeepCompressPass(OptPass):
         # The search runs on copies; the model itself changes only once a candidate passed.
         working = model.clone()
         stripped = strip_node_metadata(working) if cfg.strip_node_metadata else 0
-        if cfg.index_dtype == "auto" and min(cfg.bits) <= 4:
-            share_weights.upgrade_for_uint4(working)
+        share_weights.upgrade_for_codes(working, cfg.bits, cfg.index_dtype)
         index = share_weights.index_dtype_for(working, cfg.index_dtype)
         search = Search(working, cfg, batches, evaluator, index, seed=self.context.seed,
                         original_stats=original_stats)
@@ -244,8 +244,7 @@ class DeepCompressPass(OptPass):
         if cfg.strip_node_metadata:
             strip_node_metadata(model)
         assert best.bits is not None
-        if index == "uint4" and min(best.bits) <= 4:
-            share_weights.upgrade_for_uint4(model)
+        share_weights.upgrade_for_codes(model, best.bits, cfg.index_dtype)
         search.apply(model, best)
         self.notes["opset"] = model.opset_imports.get("")
         return ir.passes.PassResult(model, True)
@@ -290,7 +289,7 @@ class Search:
     """The prune-then-share search over copies of the model received."""
 
     def __init__(self, model: ir.Model, cfg: DeepCompressConfig, batches: list[Feeds],
-                 evaluator: Evaluator, index: Literal["uint4", "uint8"], seed: int = 0,
+                 evaluator: Evaluator, index: weight_storage.IndexDtype, seed: int = 0,
                  original_stats: Any = None) -> None:
         self.original, self.cfg, self.batches = model, cfg, batches
         self.evaluator, self.index, self.seed = evaluator, index, seed

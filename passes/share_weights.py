@@ -9,8 +9,9 @@ more distinct values than centroids is reproduced exactly. With calibration data
 (and the layer's bias) are then refit by least squares, the assignment fixed, so each layer
 reproduces the outputs of the model the pass received (in place of the paper's fine-tuning).
 
-Storage (:mod:`onnxopt.passes.weight_storage`): codes as UINT4 (bits <= 4; the model is moved to
-opset 21 for it by onnxscript's version converter) or UINT8, densely or only for nonzeros
+Storage (:mod:`onnxopt.passes.weight_storage`): codes as UINT2 (bits <= 2, opset 25), UINT4
+(bits <= 4, opset 21; the model is moved to the opset by onnxscript's version converter) or UINT8,
+densely or only for nonzeros
 (whichever is smaller), feeding ``Gather(codebook, Cast(codes))``. All inputs are constants, so
 ONNX Runtime folds the decoding into a dense weight at session load: run time is unchanged.
 
@@ -39,6 +40,8 @@ from onnxopt.registry import OptPass, option, register
 from onnxopt.stats import model_stats
 
 UINT4_OPSET = 21  # Cast from UINT4 exists from opset 21
+UINT2_OPSET = 25  # ... and from UINT2 from opset 25
+IndexChoice = Literal["auto", "uint4", "uint8"]
 
 
 @dataclasses.dataclass
@@ -60,9 +63,10 @@ class ShareWeightsConfig:
     merge_tolerance: float = option(
         1e-3, "Merge weight tensors of equal shape whose relative L2 distance is at most this "
         "(0: byte-identical ones only).")
-    index_dtype: Literal["auto", "uint8"] = option(
-        "auto", "'auto': UINT4 codes when a layer has at most 4 bits (moves the model to opset "
-        "21), else UINT8; 'uint8': always UINT8 and the opset is left as it is.")
+    index_dtype: IndexChoice = option(
+        "auto", "'auto': the narrowest codes a layer's bits fit, UINT2 (at most 2 bits; moves "
+        "the model to opset 25), UINT4 (at most 4 bits; opset 21) or UINT8; 'uint4': at most "
+        "opset 21, for older ONNX Runtimes; 'uint8': always UINT8 and the opset is left as it is.")
     min_cosine: float = option(
         0.98, "Verification budget: cosine similarity of every output against the model "
         "received, on the verification inputs (0 disables it).")
@@ -109,7 +113,7 @@ class ShareWeightsPass(OptPass):
         release_mappings(model)  # hashing read every weight; each is mapped again when used
         layers = select_layers(model, cfg)
         bits = [layer_bits(layer, cfg) for layer in layers]
-        if cfg.index_dtype == "auto" and any(b <= 4 for b in bits) and upgrade_for_uint4(model):
+        if upgrade_for_codes(model, bits, cfg.index_dtype):
             layers = select_layers(model, cfg)
         index = index_dtype_for(model, cfg.index_dtype)
         batches = self.context.calibration if cfg.refit else None
@@ -149,23 +153,40 @@ def layer_bits(layer: Layer, cfg: ShareWeightsConfig) -> int:
     return cfg.conv_bits if layer.kind == "conv" else cfg.fc_bits
 
 
-def upgrade_for_uint4(model: ir.Model) -> bool:
-    """Move the model to opset 21 (UINT4 Cast) with onnxscript's converter; False if it cannot."""
-    if model.opset_imports.get("", 0) >= UINT4_OPSET:
-        return False
+def upgrade_for_codes(model: ir.Model, bits: Sequence[int], requested: str) -> bool:
+    """Move the model to the opset whose Cast reads the narrowest codes ``bits`` and
+    ``requested`` allow (25 for UINT2, else 21 for UINT4), with onnxscript's converter; if that
+    fails, to 21. Whether the model was converted."""
+    smallest = min(bits, default=8)
+    targets = [UINT2_OPSET] if requested == "auto" and smallest <= 2 else []
+    targets += [UINT4_OPSET] if requested in ("auto", "uint4") and smallest <= 4 else []
     from onnxscript import version_converter
 
-    try:
-        version_converter.convert_version(model, UINT4_OPSET)
-    except (ValueError, NotImplementedError, RuntimeError):
-        return False
-    return model.opset_imports.get("", 0) >= UINT4_OPSET
+    for target in targets:
+        if model.opset_imports.get("", 0) >= target:
+            return False
+        try:
+            version_converter.convert_version(model, target)
+        except (ValueError, NotImplementedError, RuntimeError):
+            continue
+        if model.opset_imports.get("", 0) >= target:
+            return True
+    return False
 
 
-def index_dtype_for(model: ir.Model, requested: str) -> Literal["uint4", "uint8"]:
-    """UINT4 is usable when asked for (``auto``) and the model's opset has it."""
-    ok = requested == "auto" and model.opset_imports.get("", 0) >= UINT4_OPSET
-    return "uint4" if ok else "uint8"
+def index_dtype_for(model: ir.Model, requested: str) -> weight_storage.IndexDtype:
+    """The narrowest code type the request and the model's opset allow."""
+    opset = model.opset_imports.get("", 0)
+    if requested == "auto" and opset >= UINT2_OPSET:
+        return "uint2"
+    return "uint4" if requested in ("auto", "uint4") and opset >= UINT4_OPSET else "uint8"
+
+
+def code_dtype(index: weight_storage.IndexDtype, centroids: int) -> weight_storage.IndexDtype:
+    """The narrowest code type, no wider than ``index``, that holds ``centroids`` codes."""
+    if index == "uint2" and centroids <= 4:
+        return "uint2"
+    return "uint4" if index in ("uint2", "uint4") and centroids <= 16 else "uint8"
 
 
 # ---------------------------------------------------------------------------------------- k-means
@@ -324,7 +345,7 @@ class LayerResult:
 def cluster_layers(model: ir.Model, layers: Sequence[Layer], bits: Sequence[int],
                    references: Sequence[tuple[np.ndarray, np.ndarray | None] | None],
                    ref_inputs: list[list[np.ndarray]] | None, batches: Any,
-                   cfg: ShareWeightsConfig, index: Literal["uint4", "uint8"]
+                   cfg: ShareWeightsConfig, index: weight_storage.IndexDtype
                    ) -> list[dict[str, Any]]:
     """Cluster, refit and store each layer in graph order; one report row per layer."""
     records = []
@@ -374,7 +395,7 @@ def cluster_layer(model: ir.Model, layer: Layer, bits: int,
 
 
 def write_result(graph: ir.Graph, layer: Layer, result: LayerResult,
-                 index: Literal["uint4", "uint8"]) -> dict[str, Any]:
+                 index: weight_storage.IndexDtype) -> dict[str, Any]:
     """Store a layer's clustered weight and bias; returns its report row."""
     record = dict(result.record)
     if record.get("storage") == "unchanged":
@@ -416,9 +437,9 @@ def refit_codebook(model: ir.Model, layer: Layer, clustered: Clustered, bias: np
 
 
 def store_clustered(graph: ir.Graph, layer: Layer, clustered: Clustered,
-                    index: Literal["uint4", "uint8"]) -> dict[str, Any]:
+                    index: weight_storage.IndexDtype) -> dict[str, Any]:
     """Encode as dense or sparse codes, whichever is smaller; report what was written."""
-    dtype: Literal["uint4", "uint8"] = index if clustered.codebook.size <= 16 else "uint8"
+    dtype = code_dtype(index, clustered.codebook.size)
     dense = weight_storage.codebook_bytes(clustered.codes, clustered.codebook, dtype, sparse=False)
     # Sparse storage costs at least a gap byte and a code per nonzero; below that bound it is
     # not built just to be measured (on a big layer, ~0.8 GB of int64 temporaries).

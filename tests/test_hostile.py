@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -170,3 +171,22 @@ def test_valid_external_data_loads_and_runs(layout: dict[str, Path]) -> None:
     outcome = fc.run_command(["optimize", str(model), "-o", str(out), "--recipe", "cleanup"],
                              output=out)
     assert outcome.exitcode == 0 and outcome.output_problem is None, outcome.describe()
+
+
+@pytest.mark.parametrize("dtype, per_byte", [("uint2", 4), ("uint4", 2), ("uint8", 1)])
+def test_packed_codes_in_external_data_have_their_packed_length(
+        tmp_path: Path, dtype: str, per_byte: int) -> None:
+    """share-weights writes 2- and 4-bit codes; saved with external data they must load."""
+    codes = numpy_helper.from_array(np.ones((7, 5), getattr(ml_dtypes, dtype, np.uint8)), "codes")
+    book = numpy_helper.from_array(np.array([0.0, 1.5, -2.0, 0.5], np.float32), "book")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["codes"], ["i"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["book", "i"], ["w"]),
+         helper.make_node("Add", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 5])], [codes, book])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    assert (tmp_path / "m.data").stat().st_size == -(-35 // per_byte) + 16
+    load_model(path)  # no "holds N bytes; its dims need M"

@@ -68,32 +68,36 @@ def test_zero_stays_zero_and_codebook_fits(bits):
     assert np.mean((out[w != 0] - nonzero) ** 2) <= grid_error
 
 
-def test_packed_uint4_round_trip():
-    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21})
-    codes = np.random.default_rng(0).integers(0, 16, size=(7, 5)).astype(np.uint8)
-    codebook = np.linspace(-1, 1, 16).astype(np.float32)
+@pytest.mark.parametrize("dtype", ["uint2", "uint4"])
+def test_packed_codes_round_trip(dtype):
+    per_byte, onnx_type = {"uint2": (4, onnx.TensorProto.UINT2),
+                           "uint4": (2, onnx.TensorProto.UINT4)}[dtype]
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 25})
+    codes = np.random.default_rng(0).integers(0, 1 << (8 // per_byte), size=(7, 5)).astype(np.uint8)
+    codebook = np.linspace(-1, 1, 1 << (8 // per_byte)).astype(np.float32)
     old = ir.Value(name="w", const_value=ir.tensor(codebook[codes]))
     graph.register_initializer(old)
     y = ir.node("Identity", [old])
     graph.append(y)
-    stored = weight_storage.store_codebook(graph, old, codes, codebook, index_dtype="uint4",
+    stored = weight_storage.store_codebook(graph, old, codes, codebook, index_dtype=dtype,
                                            sparse=False)
     proto = ir.serde.serialize_graph(graph)
     packed = next(t for t in proto.initializer if t.name == "w.codes")
-    assert packed.data_type == onnx.TensorProto.UINT4 and len(packed.raw_data) == (35 + 1) // 2
+    assert packed.data_type == onnx_type and len(packed.raw_data) == -(-35 // per_byte)
     back = ir.serde.deserialize_graph(proto)
     value = next(n for n in back if n.op_type == "Identity").inputs[0]
     np.testing.assert_array_equal(weight_storage.read_weight(value), codebook[codes])
     assert weight_storage.stored_format(stored) == "codebook"
 
 
-@pytest.mark.parametrize("bits", [3, 6])
-def test_onnxruntime_matches_unpacked_weights_and_folds_them(bits, tmp_path):
+@pytest.mark.parametrize("bits, dtype, opset", [(2, "uint2", 25), (3, "uint4", 21),
+                                                (6, "uint8", 18)])
+def test_onnxruntime_matches_unpacked_weights_and_folds_them(bits, dtype, opset, tmp_path):
     proto = conv_proto()
     result, notes = share(proto, conv_bits=bits, refit=False, min_elements=0, min_cosine=0)
     assert result.modified
-    assert {r["index_dtype"] for r in notes["layers"]} == {"uint4" if bits <= 4 else "uint8"}
-    assert result.model.opset_imports[""] >= (21 if bits <= 4 else 18)
+    assert {r["index_dtype"] for r in notes["layers"]} == {dtype}
+    assert result.model.opset_imports[""] == max(opset, proto.opset_import[0].version)
     # The same clustered values as plain initializers: the reference for the packed graph.
     unpacked = ir.serde.deserialize_model(proto)
     for layer, values in zip(find_layers(unpacked), layer_weights(result.model).values()):
@@ -105,6 +109,13 @@ def test_onnxruntime_matches_unpacked_weights_and_folds_them(bits, tmp_path):
                                rtol=1e-5, atol=1e-5)
     ops = optimized_ops(result.model, str(tmp_path / "opt.onnx"))
     assert "Gather" not in ops and "Cast" not in ops  # the codebook was folded at load
+
+
+def test_uint4_option_keeps_2_bit_codes_at_opset_21():
+    result, notes = share(conv_proto(), conv_bits=2, index_dtype="uint4", refit=False,
+                          min_elements=0, min_cosine=0)
+    assert {r["index_dtype"] for r in notes["layers"]} == {"uint4"}
+    assert result.model.opset_imports[""] == 21
 
 
 def test_sizes_drop_on_disk_and_zipped():
