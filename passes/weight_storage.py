@@ -255,8 +255,13 @@ def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value
     tensor.name = unique
     value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
+    if unique != name:  # taken by the storage this one replaces: see _replace
+        value.meta[_WANTED_NAME] = name
     graph.register_initializer(value)
     return value
+
+
+_WANTED_NAME = "onnxopt.wanted_name"
 
 
 def _unique_name(graph: ir.Graph, name: str) -> str:
@@ -270,8 +275,9 @@ def _unique_name(graph: ir.Graph, name: str) -> str:
 def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value, nodes: list[ir.Node]) -> ir.Value:
     """Put ``nodes`` before ``old``'s first consumer and make every consumer read ``new``.
 
-    ``new`` takes ``old``'s name and type; the old storage is left unused (initializers are dropped
-    here; old decode nodes go with the next unused-node removal).
+    ``new`` takes ``old``'s name and type; the old storage (initializers, decode nodes) is removed
+    at once: a pass that runs the model between layers (a refit) would otherwise hand ONNX Runtime
+    two decode chains with the same node names.
     """
     if nodes:
         consumers = {id(use.node) for use in old.uses()}
@@ -286,13 +292,45 @@ def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value, nodes: list[ir.Node]
     old.replace_all_uses_with(new)
     if old.is_initializer() and name is not None and not old.uses():
         graph.initializers.pop(name)
-    elif name is not None and old.producer() is not None:
-        old.name = f"{name}.replaced"
+    elif old.producer() is not None:
+        if name is not None:
+            old.name = f"{name}.replaced"
+        _remove_dead_chain(graph, old)
+    _take_wanted_names(graph, [v for node in nodes for v in node.inputs if v is not None])
     if name is not None and not new.is_initializer():
         new.name = name
     return new
 
 
+def _remove_dead_chain(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove the nodes that computed ``value``, and their initializers, once nothing reads them."""
+    pending = [value.producer()]
+    while pending:
+        node = pending.pop()
+        if node is None or node.graph is not graph or any(
+                o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        for v in inputs:
+            if v.uses() or v.is_graph_input():
+                continue
+            if v.is_initializer() and v.name is not None:
+                graph.initializers.pop(v.name)
+            else:
+                pending.append(v.producer())
+
+
+def _take_wanted_names(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Give initializers the names the storage they replaced held, where those are free now."""
+    for value in values:
+        wanted = value.meta.get(_WANTED_NAME)
+        if wanted is not None and wanted not in graph.initializers:
+            value.name = wanted
+            del value.meta[_WANTED_NAME]
+
+
 def remove_unused(model: ir.Model) -> None:
     """Drop decode nodes and initializers a re-encoding left behind."""
     common_passes.RemoveUnusedNodesPass()(model)
+    _take_wanted_names(model.graph, list(model.graph.initializers.values()))

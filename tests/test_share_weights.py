@@ -118,6 +118,24 @@ def test_uint4_option_keeps_2_bit_codes_at_opset_21():
     assert result.model.opset_imports[""] == 21
 
 
+def test_clustering_a_sparse_stored_weight_replaces_its_decode_nodes():
+    """prune (sparse storage) then share-weights with a refit: re-encoding a stored weight used
+    to leave the old decode nodes beside new ones of the same names until the pass ended, and
+    the refit's ONNX Runtime session refused the model (two nodes named 'fc1.weight/...')."""
+    proto = mlp_proto(sizes=(64, 64, 32, 10))
+    calibration = batches((64,), n=2, batch=64)
+    result, report = onnxopt.optimize(
+        ir.serde.deserialize_model(proto),
+        [{"pass": "prune", "sparsity": 0.8, "min_cosine": 0},
+         {"pass": "share-weights", "fc_bits": 4, "min_elements": 0, "min_cosine": 0}],
+        calibration=calibration)
+    names = [node.name for node in result.graph]
+    assert len(names) == len(set(names))
+    assert "sparse-codebook" in {r["storage"] for r in report.passes[-1].notes["layers"]}
+    assert all("error_refit" in r for r in report.passes[-1].notes["layers"])
+    assert not any(v.name.endswith(".1") for v in result.graph.initializers.values())
+
+
 def test_sizes_drop_on_disk_and_zipped():
     proto = mlp_proto(sizes=(256, 256, 64, 10))
     before = model_stats(proto)
