@@ -14,7 +14,7 @@ calibration data and the validation split as the evaluation data its search chec
   :func:`onnxopt.benchmark.benchmark` (interleaved blocks, one process). The deep-compressed model
   is timed too (ORT decodes its weights once, at session load).
 
-Run: ``.venv/bin/python benchmarks/bench_compression.py [--seeds 0 1 2] [--json FILE]``
+Run: ``.venv/bin/python benchmarks/bench_compression.py [--seeds 0 1 2] [--assign nearest] [--json FILE]``
 (prints Markdown; about 2 minutes per seed on 2 busy cores).
 """
 
@@ -53,7 +53,7 @@ def build(name: str, data: digits.DigitsData, seed: int) -> tuple[Any, bool]:
     return export(net, (torch.from_numpy(data.test_images[:2]),)), False
 
 
-def run_model(name: str, seed: int, budget_s: float) -> dict[str, Any]:
+def run_model(name: str, seed: int, budget_s: float, assign: str = "auto") -> dict[str, Any]:
     data = digits.load_digits_28(seed=seed, test_size=0.25, val_size=0.2)
     start = time.perf_counter()
     fp32, flat = build(name, data, seed)
@@ -66,7 +66,7 @@ def run_model(name: str, seed: int, budget_s: float) -> dict[str, Any]:
     start = time.perf_counter()
     compressed, report = optimize(fp32, "deep-compression", calibration=calibration,
                                   evaluation=({"input": val}, data.y_val),
-                                  overrides={"max_drop": MAX_DROP})
+                                  overrides={"max_drop": MAX_DROP, "assign": assign})
     search_s = time.perf_counter() - start
     shared, share_report = optimize(fp32, ["share-weights"], calibration=calibration)
 
@@ -168,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=2.0,
                         help="seconds of interleaved timing per thread count")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--assign", choices=["auto", "gptq", "nearest"], default="auto",
+                        help="deep-compress's code assignment (auto: gptq on these LeNets)")
     args = parser.parse_args(argv)
     results = []
     for seed in args.seeds:
         for name in args.models:
-            results.append(run_model(name, seed, args.budget_s))
+            results.append(run_model(name, seed, args.budget_s, args.assign))
             r = results[-1]
             print(f"{name} seed {seed}: {r['ratio_zipped']:.1f}x zipped, drop {r['drop']:+.2f} "
                   f"(train {r['train_s']} s, search {r['search_s']} s)", file=sys.stderr)

@@ -266,6 +266,31 @@ def solve_masked(stats: LayerStats, start_rows: np.ndarray, start_bias: np.ndarr
     return rows, bias
 
 
+def solve_kept(stats: LayerStats, start_rows: np.ndarray, start_bias: np.ndarray | None,
+               keep: np.ndarray, *, damp: float = 1e-3) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`solve_masked`, with one solve per group when every weight is kept (the per-output
+    systems of a dense layer would all be the same matrix)."""
+    if not keep.all():
+        return solve_masked(stats, start_rows, start_bias, keep, damp=damp)
+    out, in_g = start_rows.shape
+    out_g = out // stats.groups
+    rows = np.zeros((out, in_g))
+    bias = None if start_bias is None else start_bias.astype(np.float64).copy()
+    width = in_g + (0 if bias is None else 1)
+    for g in range(stats.groups):
+        outs = slice(g * out_g, (g + 1) * out_g)
+        lam = _ridge(stats.hessian[g], damp)
+        system = stats.hessian[g][:width, :width].copy()
+        system[np.arange(in_g), np.arange(in_g)] += lam
+        rhs = stats.cross[g][:width].copy()
+        rhs[:in_g] += lam * start_rows[outs].T.astype(np.float64)
+        solution = _solve(system, rhs)
+        rows[outs] = solution[:in_g].T
+        if bias is not None:
+            bias[outs] = solution[in_g]
+    return rows, bias
+
+
 def _solve_one(stats: LayerStats, start_rows: np.ndarray, bias: np.ndarray | None,
                masks: np.ndarray, rows: np.ndarray, o: int, out_g: int, lams: np.ndarray
                ) -> None:
@@ -365,6 +390,70 @@ def solve_codebook(stats: LayerStats, codes: np.ndarray, codebook: np.ndarray,
     new_codebook[used] = solution[:n_used]
     new_bias = None if bias is None else solution[n_used:]
     return new_codebook, new_bias
+
+
+def assign_codes(stats: LayerStats, rows: np.ndarray, bias: np.ndarray | None, keep: np.ndarray,
+                 codebook: np.ndarray, *, zero_code: bool, damp: float = 1e-3, block: int = 128
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Codes for ``rows`` with error feedback (GPTQ, Frantar et al. 2022), on a fixed codebook.
+
+    Nearest-centroid rounding treats every weight alone. Here the input columns are coded one at
+    a time and each column's rounding error is spread over the columns not coded yet, weighted
+    by the inverse input Hessian, so later weights (and the bias, coded last, never rounded)
+    compensate it: the greedy solution of ``min |X (W - Q)|^2`` over codebook values ``Q``.
+    Pruned weights (``keep`` false) are coded 0 and pass their error on as well. Groups (of a
+    grouped convolution) are processed as one stack. Written here because GPTQ implementations
+    (AutoGPTQ, Neural Compressor's ONNX weight-only path) round to a uniform INT4 grid on PyTorch
+    modules or MatMul weights, not to a k-means codebook on Conv and Gemm rows. Returns the codes
+    as (outputs, inputs) rows and the compensated bias.
+    """
+    out, in_g = rows.shape
+    groups = stats.groups
+    out_g = out // groups
+    width = in_g + (0 if bias is None else 1)
+    hessian = stats.hessian[:, :width, :width].copy()
+    diag = np.arange(in_g)
+    hessian[:, diag, diag] += np.array([_ridge(h, damp) for h in stats.hessian])[:, None]
+    if bias is not None:
+        hessian[:, in_g, in_g] += 1e-9 * np.maximum(hessian[:, in_g, in_g], 1.0)
+    try:  # inverse Hessian = U^T U, U upper triangular, per group
+        upper = np.swapaxes(np.linalg.cholesky(np.linalg.inv(hessian)), 1, 2)
+    except np.linalg.LinAlgError:
+        upper = np.zeros_like(hessian)
+        upper[:, np.arange(width), np.arange(width)] = 1.0 / np.sqrt(
+            np.maximum(hessian[:, np.arange(width), np.arange(width)], 1e-12))
+    w = rows.astype(np.float64).reshape(groups, out_g, in_g)
+    if bias is not None:
+        w = np.concatenate([w, bias.astype(np.float64).reshape(groups, out_g, 1)], axis=2)
+    kept = keep.reshape(groups, out_g, in_g)
+    allowed = np.arange(1 if zero_code else 0, len(codebook))
+    order = np.argsort(codebook[allowed], kind="stable")
+    centroids, allowed = codebook[allowed][order].astype(np.float64), allowed[order]
+    codes = np.zeros((groups, out_g, in_g), dtype=np.int64)
+    for start in range(0, in_g, block):  # GPTQ's lazy batches: one matmul per block
+        end = min(start + block, in_g)
+        errors = np.zeros((groups, out_g, end - start))
+        for j in range(start, end):
+            nearest = _nearest_sorted(w[:, :, j], centroids)
+            q = np.where(kept[:, :, j], centroids[nearest], 0.0)
+            codes[:, :, j] = np.where(kept[:, :, j], allowed[nearest], 0)
+            err = (w[:, :, j] - q) / upper[:, j, j][:, None]
+            w[:, :, j + 1:end] -= err[:, :, None] * upper[:, None, j, j + 1:end]
+            w[:, :, j] = q
+            errors[:, :, j - start] = err
+        w[:, :, end:] -= errors @ upper[:, start:end, end:]
+    new_bias = None if bias is None else w[:, :, in_g].reshape(out)
+    return codes.reshape(out, in_g), new_bias
+
+
+def _nearest_sorted(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest of ascending ``centroids`` for every value."""
+    right = np.clip(np.searchsorted(centroids, values), 1, max(len(centroids) - 1, 1))
+    left = right - 1
+    if len(centroids) == 1:
+        return np.zeros(values.shape, dtype=np.int64)
+    return np.where(np.abs(values - centroids[left]) <= np.abs(centroids[right] - values),
+                    left, right)
 
 
 def reconstruction_error(stats: LayerStats, rows: np.ndarray, bias: np.ndarray | None) -> float:
