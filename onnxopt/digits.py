@@ -139,6 +139,21 @@ def torch_lenet5() -> torch.nn.Module:
     )
 
 
+def torch_lenet5_caffe() -> torch.nn.Module:
+    """The LeNet-5 of Deep Compression's Table 1 (Caffe's MNIST example, 431k weights, a 1.7 MB
+    file): C5(20)-pool-C5(50)-pool-500-10, ReLU only after the 500; the classic
+    :func:`torch_lenet5` has 61k."""
+    nn = require("torch", "a PyTorch digits model").nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(50 * 4 * 4, 500), nn.ReLU(),
+        nn.Linear(500, NUM_CLASSES),
+    )
+
+
 def train_torch_mlp(data: DigitsData, hidden: Sequence[int] = (128, 64), epochs: int = 30,
                     seed: int = 0) -> torch.nn.Module:
     """A trained :func:`torch_mlp` (eval mode); takes flat (N, 784) inputs."""
@@ -152,9 +167,12 @@ def train_torch_cnn(data: DigitsData, channels: Sequence[int] = (16, 32), fc: Se
                       seed)
 
 
-def train_torch_lenet5(data: DigitsData, epochs: int = 12, seed: int = 0) -> torch.nn.Module:
-    """A trained :func:`torch_lenet5` (eval mode); takes (N, 1, 28, 28) images."""
-    return _fit_torch(torch_lenet5, data.train_images, data.y_train, epochs, seed)
+def train_torch_lenet5(data: DigitsData, epochs: int = 12, seed: int = 0,
+                       caffe: bool = False) -> torch.nn.Module:
+    """A trained :func:`torch_lenet5` (or, with ``caffe``, :func:`torch_lenet5_caffe`) in eval
+    mode; takes (N, 1, 28, 28) images."""
+    build = torch_lenet5_caffe if caffe else torch_lenet5
+    return _fit_torch(build, data.train_images, data.y_train, epochs, seed)
 
 
 def _fit_torch(build: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,

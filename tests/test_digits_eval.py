@@ -90,6 +90,8 @@ def test_torch_training_is_deterministic(data: digits.DigitsData) -> None:
 @pytest.mark.parametrize("build, params", [
     (lambda: digits.torch_mlp((300, 100)), 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),
     (lambda: digits.torch_lenet5(), 156 + 2416 + 48120 + 10164 + 850),
+    # Deep Compression's LeNet-5: "431K" weights
+    (lambda: digits.torch_lenet5_caffe(), 520 + 25050 + 400500 + 5010),
     # conv 1->16 (160) + BN (32), conv 16->32 (4640) + BN (64), FC 32*7*7 -> 10 (15690)
     (lambda: digits.torch_cnn((16, 32)), 160 + 32 + 4640 + 64 + 15690),
 ])
