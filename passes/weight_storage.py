@@ -17,8 +17,8 @@ Why not ONNX's ``sparse_initializer``: onnx_ir, the IR all passes work on, does 
 (it is dropped on load), and its int64 indices cost 8 bytes per kept weight. ORT does load it, by
 densifying at load (measured on a 784x300 weight with 8% kept: 226 KB vs 941 KB dense; zipped,
 both about 100 KB). UINT4 codes need opset 21 (Cast from UINT4), UINT2 codes opset 25; zipped,
-2-bit codes packed four to a byte are ~15% smaller than packed two to a byte (deflate codes whole
-bytes: measured on a compressed LeNet-5, 3.8 KB -> 3.3 KB for its three 2-bit layers).
+2-bit codes packed four to a byte are ~13% smaller than packed two to a byte (deflate codes whole
+bytes: measured on a compressed LeNet-5, 4.4 KB -> 3.8 KB for its three 2-bit layers).
 ``DequantizeLinear`` would decode these types as well but ORT keeps DequantizeLinear unfolded, so
 the chain uses Cast and Gather.
 
