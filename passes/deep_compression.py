@@ -243,7 +243,7 @@ class DeepCompressPass(OptPass):
             return ir.passes.PassResult(model, False)
         best = search.run()
         self.notes = search.notes(best)
-        self.notes["node_metadata_dropped"] = stripped
+        self.notes.update(node_metadata_dropped=stripped, assign=cfg.assign)
         if best is None:
             self.notes["warning"] = "no compressed model met the budget; the model is unchanged"
             return ir.passes.PassResult(model, False)

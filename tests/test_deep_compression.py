@@ -32,16 +32,18 @@ def test_without_any_data_is_an_input_error():
 
 
 @pytest.mark.slow
-def test_search_keeps_top1_within_budget_on_trained_digits_mlp():
+@pytest.mark.parametrize("assign", ["nearest", "gptq"])
+def test_search_keeps_top1_within_budget_on_trained_digits_mlp(assign: str):
     model, data = trained_digits_mlp()
     x_val, y_val = data.val_flat, data.y_val
     calibration = [{"input": data.train_flat[i:i + 100]} for i in range(0, 400, 100)]
     out, report = onnxopt.optimize(model, "deep-compression", calibration=calibration,
                                    evaluation=({"input": x_val}, y_val),
-                                   overrides={**FAST, "max_drop": 1.0})
+                                   overrides={**FAST, "max_drop": 1.0, "assign": assign})
     record = report.passes[-1]
     assert record.name == "deep-compress" and record.modified
     notes = record.notes
+    assert notes["assign"] == assign
     base, final = top1_accuracy(model, x_val, y_val), top1_accuracy(out, x_val, y_val)
     assert base - final <= 1.0, (base, final)
     changed = predict(out, x_val).argmax(1) != predict(model, x_val).argmax(1)
