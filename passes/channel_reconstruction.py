@@ -158,8 +158,7 @@ class Reconstruction:
 
     def refit(self) -> list[dict[str, Any]]:
         """Refit every step wave by wave on the pruned model; one report entry per step."""
-        active = [s for s in self.steps if s.skip is None]
-        _assign_waves(self.model.graph, active)
+        active = [s for s in self.steps if s.skip is None]  # waves: assigned in __init__
         for wave in sorted({s.wave for s in active}):
             steps = [s for s in active if s.wave == wave]
             names = [s.node.inputs[0].name for s in steps]

@@ -229,12 +229,15 @@ def solve_masked(stats: LayerStats, start_rows: np.ndarray, start_bias: np.ndarr
     Minimizes ``|X w + b - y|^2 + lambda |w - w_start|^2`` per output; pruned weights stay 0.
     The per-output systems are solved in stacks (:func:`_masked_systems`): one solve call per
     output cost ~1 ms of overhead, 17 s of MobileNetV2's 70 s per pruning candidate (its
-    depthwise layers make one 10x10 system per channel).
+    depthwise layers make one 10x10 system per channel). When every weight is kept, the
+    outputs of a group share one matrix: one solve per group (:func:`_solve_dense`).
     """
     out, in_g = start_rows.shape
     out_g = out // stats.groups
     rows = np.zeros((out, in_g))
     bias = None if start_bias is None else start_bias.astype(np.float64).copy()
+    if masks.all():
+        return _solve_dense(stats, start_rows, bias, rows, damp)
     lams = np.array([_ridge(stats.hessian[g], damp) for g in range(stats.groups)])
     kept = masks.reshape(out, in_g).sum(axis=1)
     width = kept + (0 if bias is None else 1)
@@ -266,16 +269,11 @@ def solve_masked(stats: LayerStats, start_rows: np.ndarray, start_bias: np.ndarr
     return rows, bias
 
 
-def solve_kept(stats: LayerStats, start_rows: np.ndarray, start_bias: np.ndarray | None,
-               keep: np.ndarray, *, damp: float = 1e-3) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`solve_masked`, with one solve per group when every weight is kept (the per-output
-    systems of a dense layer would all be the same matrix)."""
-    if not keep.all():
-        return solve_masked(stats, start_rows, start_bias, keep, damp=damp)
+def _solve_dense(stats: LayerStats, start_rows: np.ndarray, bias: np.ndarray | None,
+                 rows: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`solve_masked` with nothing pruned: one multi-output solve per group."""
     out, in_g = start_rows.shape
     out_g = out // stats.groups
-    rows = np.zeros((out, in_g))
-    bias = None if start_bias is None else start_bias.astype(np.float64).copy()
     width = in_g + (0 if bias is None else 1)
     for g in range(stats.groups):
         outs = slice(g * out_g, (g + 1) * out_g)

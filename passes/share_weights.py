@@ -441,9 +441,9 @@ def refit_codebook(model: ir.Model, layer: Layer, clustered: Clustered, bias: np
         fixed_zero=clustered.zero_code, damp=cfg.damp)
     after = layer_refit.reconstruction_error(stats, codebook[codes_rows], new_bias)
     errors = {"error_cluster": round(float(before), 6), "error_refit": round(float(after), 6)}
-    best = (after, codes_rows, codebook, new_bias)
-    if after >= before:
-        best = (before, codes_rows, clustered.codebook.astype(np.float64) * layer.scale, bias)
+    best = (before, codes_rows, clustered.codebook.astype(np.float64) * layer.scale, bias)
+    if after < before:
+        best = (after, codes_rows, codebook, new_bias)
     if cfg.assign == "gptq":
         best = _error_feedback_codes(layer, stats, clustered.zero_code, bias, best, cfg)
         errors["error_gptq"] = round(float(best[0]), 6)
@@ -465,7 +465,7 @@ def _error_feedback_codes(layer: Layer, stats: layer_refit.LayerStats, zero_code
     Returns whichever of ``best`` and these has the least reconstruction error."""
     keep = best[1] != 0 if zero_code else np.ones(best[1].shape, dtype=bool)
     rows = layer.layout(layer.weight_array()).astype(np.float64) * layer.scale
-    start, start_bias = layer_refit.solve_kept(stats, rows, bias, keep, damp=cfg.damp)
+    start, start_bias = layer_refit.solve_masked(stats, rows, bias, keep, damp=cfg.damp)
     codebook = best[2]
     for _ in range(2):
         codes, _ = layer_refit.assign_codes(stats, start, start_bias, keep, codebook,
