@@ -128,6 +128,7 @@ class Pipeline:
         context = context or PassContext()
         # provenance: hash the source before cloning (the clone does not keep its origin)
         origin = provenance.record(model, self.name, self.steps, context.seed, context.target)
+        context.provenance = origin
         model = model.clone()
         if has_external_tensors(model) and not is_big(model):
             # Reliability: external data is kept only where protobuf needs it (over the

@@ -27,6 +27,8 @@ class PassContext:
     ``verify_feeds``: the seeded inputs the pipeline verifies on (always at least one batch).
     ``max_memory``: the user's memory budget in bytes (``--max-memory``), for passes that run
     the model on many samples at once.
+    ``provenance``: the metadata the pipeline stamps into the output model after the last pass;
+    a pass that holds the file to a size target measures its candidates with it.
     """
 
     calibration: list[dict[str, np.ndarray]] | None = None
@@ -35,6 +37,7 @@ class PassContext:
     seed: int = 0
     target: str | None = None
     max_memory: int | None = None
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

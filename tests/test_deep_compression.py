@@ -16,6 +16,7 @@ from onnxopt.cli import main
 from onnxopt.errors import InputError
 from onnxopt.evaluation import predict, top1_accuracy
 from onnxopt.recipes import builtin_recipes
+from onnxopt.stats import model_stats
 
 # A coarser grid than the defaults keeps the search to seconds.
 FAST = {"keep_fractions": [0.3, 0.12, 0.06, 0.03], "bits": [8, 5, 3], "candidates": 2}
@@ -63,6 +64,49 @@ def test_search_keeps_top1_within_budget_on_trained_digits_mlp(assign: str):
     assert "| total |" in compression_table(notes)
     assert any(s["stage"] == "share" and not s["ok"] for s in notes["search"]) or \
         all(r["bits"] == 3 for r in table[:-1])  # the bit search hit the budget or the floor
+
+
+@pytest.mark.slow
+def test_a_size_target_keeps_the_most_faithful_candidate_that_meets_it():
+    """``min_ratio``: of the candidates within budget at least that much smaller, the one with
+    the highest output cosine; out of reach, the smallest within budget and a warning."""
+    model, data = trained_digits_mlp()
+    calibration = [{"input": data.train_flat[i:i + 100]} for i in range(0, 400, 100)]
+    evaluation = ({"input": data.val_flat}, data.y_val)
+
+    def run(**overrides: float) -> tuple[dict, dict]:
+        out, report = onnxopt.optimize(model, "deep-compression", calibration=calibration,
+                                       evaluation=evaluation,
+                                       overrides={**FAST, "max_drop": 1.0, **overrides})
+        notes = report.passes[-1].notes
+        # Sizes are measured with the provenance the pipeline stamps: those of the file written
+        # (give or take a byte: the output keeps the lowest opset its codes need, the search's
+        # copies the highest the bit choices might need).
+        assert abs(model_stats(out).zipped_bytes - notes["stages"][-1]["zipped_bytes"]) <= 4
+        return notes, notes["stages"][-1]
+
+    default, smallest = run()
+    notes = default
+    assert "size_target" not in notes and notes["selection"].startswith("the smallest")
+    # The zipped ratio of the smallest candidate, against the file the pass received.
+    smallest_ratio = smallest["zipped_ratio_vs_fp32_file"]
+
+    notes, chosen = run(min_ratio=smallest_ratio / 3)
+    target = notes["size_target"]
+    assert target["met"] and "cosine" in notes["selection"]
+    assert chosen["zipped_bytes"] <= target["max_zipped_bytes"]
+    assert chosen["zipped_bytes"] > smallest["zipped_bytes"]  # it spent size on fidelity...
+    assert notes["final"]["cosine"] > smallest["cosine"]  # ...and got it
+    tried = [s for s in notes["search"] if s["stage"] == "share" and s["ok"]
+             and 0 < s["zipped_bytes"] <= target["max_zipped_bytes"]]
+    assert notes["final"]["cosine"] == max(s["cosine"] for s in tried)
+
+    notes, kept = run(min_ratio=smallest_ratio * 10)
+    assert not notes["size_target"]["met"] and "none met" in notes["selection"]
+    # the same candidate as without a target (the file differs by the recipe in its provenance)
+    assert (notes["kept_pct"], notes["bits"]) == (default["kept_pct"], default["bits"])
+    assert kept["cosine"] == smallest["cosine"]
+    assert "warning" in notes
 
 
 @pytest.mark.slow
