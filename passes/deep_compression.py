@@ -548,10 +548,10 @@ class Search:
     def _consider(self, candidate: Candidate) -> None:
         """Size-target mode: keep the candidate within budget and target whose outputs are
         closest to the model received. Why the cosine and not top-1 or changed predictions:
-        on 40 digits LeNet searches (20 LeNet-300-100, 6 paper's LeNet-5, 8 classic LeNet-5;
+        on 35 digits LeNet searches (20 LeNet-300-100, 7 paper's LeNet-5, 8 classic LeNet-5;
         split seeds not used in the benchmark), a candidate's validation cosine followed its
-        test cosine at r = 0.997 and its test top-1 drop at r = -0.4 to -0.6, while the
-        validation flips followed the test drop at r <= 0.1."""
+        test cosine at r = 0.997 and its test top-1 drop at r = -0.39 to -0.55, while the
+        validation flips followed the test drop at |r| <= 0.1 (benchmarks/RESULTS.md)."""
         if self.target_bytes is None or not candidate.ok or candidate.zipped > self.target_bytes:
             return
         if self.faithful is None or candidate.score["cosine"] > self.faithful.score["cosine"]:
