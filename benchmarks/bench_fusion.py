@@ -32,13 +32,16 @@ from onnxopt.metrics import compare
 from onnxopt.passes.cleanup import CleanupPass
 from onnxopt.passes.fusion import FusePass
 from onnxopt.passes.transformer import FuseTransformerPass
+from onnxopt.registry import PassContext
 from onnxopt.zoo import light_model, minilm
 
 
-def _apply(model: ir.Model, passes: list[type]) -> ir.Model:
+def _apply(model: ir.Model, passes: list[type],
+           feeds: dict[str, np.ndarray] | None = None) -> ir.Model:
+    """``passes`` on a copy; ``feeds``: sample inputs for passes that time what they write."""
     copy = model.clone()
     for cls in passes:
-        cls()(copy)
+        cls(context=PassContext(verify_feeds=[feeds] if feeds else []))(copy)
     return copy
 
 
@@ -61,7 +64,7 @@ def _variants(name: str) -> tuple[list[ir.Model], list[str], dict[str, np.ndarra
     if name == "minilm":
         model, feeds, _ = minilm(seq_len=128, batch=1)
         fused = _apply(model, [CleanupPass, FusePass])
-        return ([model, fused, _apply(fused, [FuseTransformerPass]),
+        return ([model, fused, _apply(fused, [FuseTransformerPass], feeds),
                  _ort_transformers_optimizer(model)],
                 ["exported", "fuse", "fuse-transformer", "ort-optimizer"], feeds)
     model = light_model(name)

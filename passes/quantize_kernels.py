@@ -8,9 +8,9 @@ matrix products of MiniLM-L6 run in INT8, its 13 LayerNorms took about a quarter
 Running the sum and the LayerNorm on the tensor flattened to 2-D (``[-1, hidden]``, then back
 with the original shape) computes the same values and is outside that fusion (it matches 3-D
 ``Add`` inputs only), so ORT runs its fast ``LayerNormalization`` kernel. The same applies to a
-``SkipLayerNormalization`` written by ``fuse-transformer``. The quantize pass times the rewritten
-model against the unrewritten one and keeps it only when it is faster
-(:func:`flatten_layer_norms` only builds it).
+``SkipLayerNormalization`` written by ``fuse-transformer``. ``fuse-transformer`` (FP32) and the
+quantize pass (INT8) time the rewritten model against the unrewritten one and keep it only when
+it is faster (:func:`flatten_layer_norms` only builds it).
 
 Rewrites use the onnxscript rewriter; the patterns are ours because no library has this rule.
 """
@@ -108,9 +108,13 @@ class _FlatSkipLayerNorm(pattern.RewriteRuleClassBase):
                                node.attributes.get_float("epsilon", 1e-12), gamma, beta)
 
 
+def flat_layer_norm_rules() -> pattern.RewriteRuleSet:
+    """The rules: ``LayerNormalization(Add)`` and ``SkipLayerNormalization`` -> the 2-D form."""
+    return pattern.RewriteRuleSet([_FlatLayerNorm.rule(), _FlatSkipLayerNorm.rule()])
+
+
 def flatten_layer_norms(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """``proto`` with its residual LayerNorms in 2-D form, and how many were rewritten."""
     model = ir.serde.deserialize_model(proto)
-    count = pattern.RewriteRuleSet([_FlatLayerNorm.rule(), _FlatSkipLayerNorm.rule()]
-                                   ).apply_to_model(model)
+    count = flat_layer_norm_rules().apply_to_model(model)
     return ir.serde.serialize_model(model), count

@@ -4,20 +4,24 @@ idempotence."""
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from onnxopt import runner
 from onnxopt.metrics import cosine_similarity
 from onnxopt.passes.cleanup import CleanupPass
 from onnxopt.passes.fusion import FusePass
-from onnxopt.passes.transformer import TRANSFORMER_BUDGET, FuseTransformerPass
+from onnxopt.passes.transformer import (TRANSFORMER_BUDGET, FuseTransformerConfig,
+                                        FuseTransformerPass)
 from onnxopt.recipes import load_recipe
-from onnxopt.registry import pass_class
+from onnxopt.registry import PassContext, pass_class
 from onnxopt.stats import attention_macs, node_macs
 
 SEQ_LEN = 32  # MiniLM's fusions do not depend on the length; short keeps the test fast
@@ -111,6 +115,49 @@ def test_minilm_fused_model_runs_with_full_ort_optimizations(minilm: dict) -> No
     session = runner.create_session(data, threads=2, opt_level="all")
     out = next(iter(runner.run(session, minilm["feeds"]).values()))
     assert cosine_similarity(minilm["torch"]["last_hidden_state"], out) >= 0.9999
+
+
+@pytest.mark.slow
+def test_flat_layer_norms_keep_ort_off_its_skip_layer_norm_kernel(minilm: dict) -> None:
+    """``flat_layer_norms: always``: every SkipLayerNormalization becomes Add + a 2-D
+    LayerNormalization, the outputs stay within the fusion budget, and ORT with all its
+    optimizations does not fuse them back (its SkipLayerNormalization CPU kernel is the slow
+    one, see passes/transformer.py)."""
+    flat = minilm["fused"].clone()
+    skip_nodes = contrib_ops(flat)["SkipLayerNormalization"]
+    fuse_pass = FuseTransformerPass(FuseTransformerConfig(flat_layer_norms="always"))
+    assert fuse_pass(flat).modified
+    assert fuse_pass.notes["layer_norms"] == {"rewritten": skip_nodes, "kept": True}
+    assert contrib_ops(flat)["SkipLayerNormalization"] == 0
+    assert sum(n.op_type == "LayerNormalization" for n in flat.graph) >= skip_nodes
+    unfused = run(minilm["unfused"], minilm["feeds"])
+    assert TRANSFORMER_BUDGET.check(unfused, run(flat, minilm["feeds"])) is None
+    options = runner.session_options(threads=1, opt_level="all")
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "loaded.onnx")
+        ort.InferenceSession(ir.serde.serialize_model(flat).SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        loaded = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert loaded["SkipLayerNormalization"] == 0 and loaded["LayerNormalization"] >= skip_nodes
+
+
+@pytest.mark.slow
+def test_flat_layer_norms_auto_times_both_forms(minilm: dict) -> None:
+    """'auto' times the two forms on the inputs it is given and records it; 'never' keeps
+    SkipLayerNormalization. Which form wins is the machine's business: not asserted."""
+    model = minilm["fused"].clone()
+    context = PassContext(verify_feeds=[minilm["feeds"]])
+    fuse_pass = FuseTransformerPass(FuseTransformerConfig(latency_budget_s=0.2), context)
+    fuse_pass(model)
+    notes = fuse_pass.notes["layer_norms"]
+    assert set(notes["speedup"]) == {1, 2} and all(s > 0 for s in notes["speedup"].values())
+    flattened = contrib_ops(model)["SkipLayerNormalization"] == 0
+    assert notes["kept"] is flattened
+    kept = minilm["fused"].clone()
+    never = FuseTransformerPass(FuseTransformerConfig(flat_layer_norms="never"))
+    assert not never(kept).modified
+    assert contrib_ops(kept)["SkipLayerNormalization"] == contrib_ops(minilm["fused"])[
+        "SkipLayerNormalization"] > 0
 
 
 def _embedding_block(with_segments: bool) -> ir.Model:
