@@ -174,6 +174,11 @@ def optimize(
     if report is not None:
         _write_report(report, rep)
     before, after = rep.before, rep.after
+    for record in rep.passes:  # e.g. a search that kept the model unchanged says so here
+        warning = record.notes.get("warning") if isinstance(record.notes, dict) else None
+        if warning:
+            console.print(f"warning: {record.name}: {warning}", markup=False, highlight=False,
+                          soft_wrap=True)
     console.print(
         f"wrote {output}: {before['size_bytes']:,} -> {after['size_bytes']:,} bytes, "
         f"{before['total_macs']:,} -> {after['total_macs']:,} MACs, "

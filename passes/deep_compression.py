@@ -579,12 +579,12 @@ class Search:
             notes["size_target"] = {"min_ratio": self.cfg.min_ratio,
                                     "max_zipped_bytes": int(self.target_bytes),
                                     "met": self.faithful is not None}
+        if best is None:
+            return notes
         notes["selection"] = ("the smallest candidate within budget" if self.target_bytes is None
                               else "the candidate with the highest output cosine within budget "
                               "and size target" if self.faithful is not None
                               else "the smallest candidate within budget (none met the target)")
-        if best is None:
-            return notes
         original = self.original_stats
         assert best.pruned is not None
         pruned_only = best.pruned.clone()

@@ -152,6 +152,24 @@ def test_cli_runs_the_recipe(tmp_path: Path):
     assert notes["layers"][-1]["layer"] == "total"
 
 
+def test_cli_says_when_the_search_kept_the_model_unchanged(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A budget nothing meets leaves the model as it was: the CLI says so, not just the report."""
+    proto = mlp_proto(sizes=(64, 64, 32, 10))
+    src = tmp_path / "mlp.onnx"
+    onnx.save(proto, src)
+    x = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:128])
+    np.savez(tmp_path / "eval.npz", x=x[128:], labels=predict(proto, x[128:]).argmax(1))
+    code = main(["optimize", str(src), "-o", str(tmp_path / "small.onnx"),
+                 "--recipe", "deep-compression", "--calib", str(tmp_path / "calib.npz"),
+                 "--eval", str(tmp_path / "eval.npz"), "--max-drop", "0",
+                 "--set", "deep-compress.keep_fractions=[0.5]", "--set", "min_ratio=3"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "warning: deep-compress: no compressed model met the budget" in err
+
+
 def test_many_layers_refit_independently_with_one_capture(monkeypatch: pytest.MonkeyPatch):
     """Past ``sequential_layers`` the search captures activations once, not once per layer and
     candidate (regression: MobileNetV2, 53 layers, ran over 20 minutes), and past
