@@ -20,6 +20,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+from onnxopt.int8_target import is_host, resolve_target
 from onnxopt.metrics import Budget
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.fusion_embed import CONTRIB, embed_layer_norm_rules
@@ -55,7 +56,8 @@ class FuseTransformerConfig:
     flat_layer_norms: Literal["auto", "always", "never"] = option(
         "auto", "Residual LayerNorms (SkipLayerNormalization, LayerNormalization(Add)) on a 2-D "
         "view, which keeps them out of ORT's slow SkipLayerNormalization CPU kernel: 'auto' "
-        "times both forms here and keeps the faster; 'always'; 'never'.")
+        "times both forms here and keeps the faster (only when --target is this machine); "
+        "'always'; 'never'.")
     threads: list[int] = option([1, 2], "Thread counts the LayerNorm forms are timed at.")
     latency_budget_s: float = option(1.0, "Seconds of interleaved timing per thread count.")
 
@@ -137,6 +139,10 @@ class FuseTransformerPass(OptPass):
             return {}
         notes: dict[str, Any] = {"rewritten": count}
         if cfg.flat_layer_norms == "auto":
+            target = resolve_target(self.context.target)
+            if not is_host(target):  # as the quantize pass: timing here says nothing there
+                return {**notes, "kept": False,
+                        "why": f"target {target.name} is not this machine: not timed"}
             sample = self._latency_feeds()
             if sample is None:
                 return {**notes, "kept": False, "why": "no sample inputs to time on"}

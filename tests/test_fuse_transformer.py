@@ -153,6 +153,13 @@ def test_flat_layer_norms_auto_times_both_forms(minilm: dict) -> None:
     assert set(notes["speedup"]) == {1, 2} and all(s > 0 for s in notes["speedup"].values())
     flattened = contrib_ops(model)["SkipLayerNormalization"] == 0
     assert notes["kept"] is flattened
+    # optimizing for another device: nothing is timed, SkipLayerNormalization stays
+    arm = minilm["fused"].clone()
+    for_arm = FuseTransformerPass(context=PassContext(verify_feeds=[minilm["feeds"]],
+                                                      target="arm64-dotprod"))
+    assert not for_arm(arm).modified
+    assert "not this machine" in for_arm.notes["layer_norms"]["why"]
+    assert contrib_ops(arm)["SkipLayerNormalization"] > 0
     kept = minilm["fused"].clone()
     never = FuseTransformerPass(FuseTransformerConfig(flat_layer_norms="never"))
     assert not never(kept).modified
