@@ -22,6 +22,7 @@ from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from onnxopt.int8_target import is_host, resolve_target
 from onnxopt.metrics import Budget
+from onnxopt.model_io import is_big
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.fusion_embed import CONTRIB, embed_layer_norm_rules
 from onnxopt.passes.quantize_kernels import flat_layer_norm_rules
@@ -143,6 +144,8 @@ class FuseTransformerPass(OptPass):
             if not is_host(target):  # as the quantize pass: timing here says nothing there
                 return {**notes, "kept": False,
                         "why": f"target {target.name} is not this machine: not timed"}
+            if is_big(fused):  # timed from in-memory protos, which stop at 2 GB
+                return {**notes, "kept": False, "why": "over the 2 GB protobuf limit: not timed"}
             sample = self._latency_feeds()
             if sample is None:
                 return {**notes, "kept": False, "why": "no sample inputs to time on"}
