@@ -128,9 +128,10 @@ class FuseTransformerPass(OptPass):
     def _flatten_layer_norms(self, fused: ir.Model) -> dict[str, Any]:
         """Put the residual LayerNorms on a 2-D view (:mod:`.quantize_kernels`) when that runs
         faster here. ORT 1.32's SkipLayerNormalization CPU kernel, which ORT also fuses
-        ``LayerNormalization(Add)`` into at load, took 0.22 ms for a [1, 128, 384] input against
-        0.035 ms for Add + LayerNormalization: 2.1 of MiniLM-L6's 18 ms at 1 thread. Timed rather
-        than assumed, since a later ORT or another CPU may not share the slow kernel."""
+        ``LayerNormalization(Add)`` into at load, took 0.20 ms for a [1, 128, 384] input against
+        0.035 ms for the 2-D form (benchmarks/bench_layer_norm.py): 2.1 of MiniLM-L6's 18 ms at
+        1 thread. Timed rather than assumed, since a later ORT or another CPU may not share the
+        slow kernel."""
         cfg: FuseTransformerConfig = self.config
         if cfg.flat_layer_norms == "never" or fused.opset_imports.get("", 0) < 17:
             return {}  # the 2-D form needs LayerNormalization (opset 17)
