@@ -175,7 +175,7 @@ def optimize(
         _write_report(report, rep)
     before, after = rep.before, rep.after
     for record in rep.passes:  # e.g. a search that kept the model unchanged says so here
-        warning = record.notes.get("warning") if isinstance(record.notes, dict) else None
+        warning = record.notes.get("warning")
         if warning:
             console.print(f"warning: {record.name}: {warning}", markup=False, highlight=False,
                           soft_wrap=True)

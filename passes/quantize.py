@@ -48,7 +48,7 @@ from onnxopt.passes.quantize_activations import capture, small_batch
 from onnxopt.passes.quantize_calibrate import CalibrationTable, calibrate, float_activations
 from onnxopt.passes.quantize_convert import DYNAMIC_OPS, QuantSpec, convert, digest, load_check
 from onnxopt.passes.quantize_kernels import flatten_layer_norms
-from onnxopt.passes.quantize_latency import Timing, measure
+from onnxopt.passes.quantize_latency import Timing, geomean, measure
 from onnxopt.passes.quantize_prepare import COMPUTE_OPS, PreparedModel, prepare
 from onnxopt.passes.quantize_report import quantized_nodes, sensitivity_report
 from onnxopt.passes.quantize_safety import FloatPlan, float_plan, unsafe_tensors
@@ -299,7 +299,7 @@ class QuantizePass(OptPass):
         # run to run under load, though flattening was 1.4-1.6x faster side by side).
         timings = self._measure(fp32, {"as found": result.proto, "flattened": proto}, sample,
                                 scale=3.0)
-        gain = _geomean([timings["flattened"].speedups[t] / timings["as found"].speedups[t]
+        gain = geomean([timings["flattened"].speedups[t] / timings["as found"].speedups[t]
                          for t in timings["flattened"].speedups])
         score = evaluator.score(proto)
         faster = gain > 1.0
@@ -510,5 +510,3 @@ def _threads(threads: list[int]) -> str:
     return " and ".join(str(t) for t in threads) + " thread(s)"
 
 
-def _geomean(values: list[float]) -> float:
-    return float(np.exp(np.mean(np.log(values))))

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 
 from onnxopt.benchmark import benchmark
@@ -53,3 +54,8 @@ def measure(fp32: onnx.ModelProto, candidates: Mapping[str, onnx.ModelProto], fe
                                {r["threads"]: tuple(r["speedup_ci95"]) for r in rows},
                                {r["threads"]: float(r["p50_ms"]) for r in rows})
     return timings
+
+
+def geomean(values: Sequence[float]) -> float:
+    """Geometric mean: how speed-ups over several thread counts are weighed together."""
+    return float(np.exp(np.mean(np.log(list(values)))))

@@ -26,7 +26,7 @@ from onnxopt.model_io import is_big
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.fusion_embed import CONTRIB, embed_layer_norm_rules
 from onnxopt.passes.quantize_kernels import flat_layer_norm_rules
-from onnxopt.passes.quantize_latency import measure
+from onnxopt.passes.quantize_latency import geomean, measure
 from onnxopt.passes.transformer_mask import quantizable_attention
 from onnxopt.recipes import register_recipe
 from onnxopt.registry import OptPass, option, register
@@ -154,8 +154,7 @@ class FuseTransformerPass(OptPass):
             timing = measure(as_found, {"flattened": flattened}, sample, cfg.threads,
                              cfg.latency_budget_s)["flattened"]
             notes["speedup"] = {t: round(s, 3) for t, s in timing.speedups.items()}
-            gain = float(np.exp(np.mean(np.log(list(timing.speedups.values())))))
-            if gain <= 1.0:
+            if geomean(timing.speedups.values()) <= 1.0:
                 return {**notes, "kept": False, "why": "not faster here"}
         replace_contents(fused, flat)
         return {**notes, "kept": True}
