@@ -651,33 +651,21 @@ def _matmul(an: _Analyzer, node: ir.Node, port: Port, axis: int) -> None:
     here_rank = rank_of(port_value(node, port)) or 1
     ax = axis % here_rank
     where = (port, ax)
-    contract = {(("in", 0), ra - 1), (("in", 1), rb - 2)}
-    columns = {(("in", 1), rb - 1), (("out", 0), ry - 1)}
-    rows = {(("in", 0), ra - 2), (("out", 0), ry - 2)}
-    if where in contract:
-        k = _dim(a, -1)
-        if k is None:
+    # The axes that move together, as (port, value, axis); the first gives the size. The
+    # weight B, when constant, is an input side on the contracted axis, an output on columns.
+    groups = (([(("in", 0), a, ra - 1), (("in", 1), b, rb - 2)], "in"),  # contracted
+              ([(("in", 1), b, rb - 1), (("out", 0), y, ry - 1)], "out"),  # columns
+              ([(("in", 0), a, ra - 2), (("out", 0), y, ry - 2)], None))  # rows
+    for tied, role in groups:
+        if where not in {(p, v_axis) for p, _, v_axis in tied}:
+            continue
+        size = _dim(tied[0][1], tied[0][2])
+        if size is None:
             _block_here(an, node, port, axis, "unknown size")
             return
-        _tie_all(an, [(a, ra - 1, _eye(k)), (b, rb - 2, _eye(k))])
-        if b.const_value is not None:
-            an.role(node, "in", b, rb - 2)
-        return
-    if where in columns:
-        n = _dim(b, -1)
-        if n is None:
-            _block_here(an, node, port, axis, "unknown size")
-            return
-        _tie_all(an, [(y, ry - 1, _eye(n)), (b, rb - 1, _eye(n))])
-        if b.const_value is not None:
-            an.role(node, "out", b, rb - 1)
-        return
-    if where in rows:
-        m = _dim(a, -2)
-        if m is None:
-            _block_here(an, node, port, axis, "unknown size")
-            return
-        _tie_all(an, [(a, ra - 2, _eye(m)), (y, ry - 2, _eye(m))])
+        _tie_all(an, [(v, v_axis, _eye(size)) for _, v, v_axis in tied])
+        if role and b.const_value is not None:
+            an.role(node, role, b, next(v_axis for p, _, v_axis in tied if p == ("in", 1)))
         return
     # A batch axis: broadcast across A, B and Y.
     y_axis = ax + (ry - here_rank) if port[0] == "in" else ax
