@@ -102,6 +102,11 @@ class Budget:
         value = sqnr_db(ref, out)
         return None if value >= self.min_value else f"SQNR {value:.2f} dB < {self.min_value:g} dB"
 
+    @classmethod
+    def cosine_floor(cls, min_cosine: float) -> Budget:
+        """A cosine budget, or none when ``min_cosine`` is 0 (a lossy pass's user opted out)."""
+        return cls("cosine", min_value=min_cosine) if min_cosine > 0 else cls("none")
+
     def describe(self) -> str:
         if self.kind == "allclose":
             return f"allclose(rtol={self.rtol:g}, atol={self.atol:g})"

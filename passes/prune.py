@@ -84,7 +84,7 @@ class PrunePass(OptPass):
         # Lossy: a cosine floor on the outputs is the check that needs no labels; top-1 accuracy
         # against labels is what the deep-compress search checks instead.
         cfg: PruneConfig = self.config
-        return Budget("cosine", min_value=cfg.min_cosine) if cfg.min_cosine > 0 else Budget("none")
+        return Budget.cosine_floor(cfg.min_cosine)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: PruneConfig = self.config

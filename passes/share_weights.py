@@ -114,7 +114,7 @@ class ShareWeightsPass(OptPass):
     def budget(self) -> Budget:
         # Lossy: a cosine floor on the outputs; deep-compress checks top-1 accuracy instead.
         cfg: ShareWeightsConfig = self.config
-        return Budget("cosine", min_value=cfg.min_cosine) if cfg.min_cosine > 0 else Budget("none")
+        return Budget.cosine_floor(cfg.min_cosine)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: ShareWeightsConfig = self.config
