@@ -1,4 +1,4 @@
-"""ONNX Runtime's residual LayerNorm kernels, timed alone: why ``fuse-transformer`` flattens them.
+"""ONNX Runtime's residual LayerNorm kernels, timed alone: why ``fuse-transformer`` splits them.
 
 One residual LayerNorm of a BERT block, ``LayerNormalization(x + skip + bias)`` over [1, rows,
 hidden], written three ways:
@@ -7,8 +7,8 @@ hidden], written three ways:
   fusions and ORT's own optimizer write);
 * ``add-layer-norm``: ``Add``, ``Add``, ``LayerNormalization``, which ORT fuses into
   ``SkipLayerNormalization`` when it loads the model (the "graph ORT runs" column says);
-* ``flat-2d``: the same after :func:`onnxopt.passes.quantize_kernels.flat_layer_norm_rules`
-  (the LayerNorm on a ``[-1, hidden]`` view), which ORT leaves alone.
+* ``split``: the same after :func:`onnxopt.passes.quantize_kernels.split_layer_norm_rules`
+  (``Add(x, bias)``, ``Sum`` with ``skip``, ``LayerNormalization``), which ORT leaves alone.
 
 Timed with :func:`onnxopt.benchmark.benchmark` (interleaved, one process), ORT optimizations
 "all". Run: ``.venv/bin/python benchmarks/bench_layer_norm.py [--hidden 256 384 768 1024]
@@ -30,9 +30,9 @@ from onnx import TensorProto, helper
 
 from onnxopt import runner
 from onnxopt.benchmark import benchmark
-from onnxopt.passes.quantize_kernels import flat_layer_norm_rules
+from onnxopt.passes.quantize_kernels import split_layer_norm_rules
 
-VARIANTS = ("skip-layer-norm", "add-layer-norm", "flat-2d")
+VARIANTS = ("skip-layer-norm", "add-layer-norm", "split")
 
 
 def residual_layer_norm(variant: str, rows: int, hidden: int) -> onnx.ModelProto:
@@ -54,10 +54,10 @@ def residual_layer_norm(variant: str, rows: int, hidden: int) -> onnx.ModelProto
                               weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    if variant == "flat-2d":
+    if variant == "split":
         ir_model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
-        if not flat_layer_norm_rules().apply_to_model(ir_model):
-            raise RuntimeError("the 2-D rule did not match")
+        if not split_layer_norm_rules().apply_to_model(ir_model):
+            raise RuntimeError("the split rule did not match")
         model = ir.serde.serialize_model(ir_model)
     return model
 

@@ -204,9 +204,13 @@ def _sum_to_add(model: ir.Model) -> None:
     """Sum(a, b) -> Add(a, b): the same broadcasting semantics for two inputs, and quantizable.
 
     The node keeps its name and outputs (an op-type change in place: nothing to pattern-match).
+    A Sum feeding a LayerNormalization stays: it is ``fuse-transformer``'s residual sum, a Sum so
+    that ONNX Runtime does not fuse it into its slow SkipLayerNormalization (``quantize_kernels``).
     """
     for node in model.graph:
-        if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+        if (node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+                and not any(user.op_type == "LayerNormalization"
+                            for user, _ in node.outputs[0].uses())):
             node.op_type = "Add"
 
 

@@ -25,7 +25,7 @@ from onnxopt.metrics import Budget
 from onnxopt.model_io import is_big
 from onnxopt.passes.fusion import replace_contents
 from onnxopt.passes.fusion_embed import CONTRIB, embed_layer_norm_rules
-from onnxopt.passes.quantize_kernels import flat_layer_norm_rules
+from onnxopt.passes.quantize_kernels import split_layer_norm_rules
 from onnxopt.passes.quantize_latency import geomean, measure
 from onnxopt.passes.transformer_mask import quantizable_attention
 from onnxopt.recipes import register_recipe
@@ -54,11 +54,11 @@ class FuseTransformerConfig:
     quantizable_attention: bool = option(
         True, "Write Attention as ORT's quantizer needs for QAttention: no qkv_hidden_sizes when "
               "Q, K, V sizes agree; a probed padding-mask bias as the raw 2-D mask_index.")
-    flat_layer_norms: Literal["auto", "always", "never"] = option(
-        "auto", "Residual LayerNorms (SkipLayerNormalization, LayerNormalization(Add)) on a 2-D "
-        "view, which keeps them out of ORT's slow SkipLayerNormalization CPU kernel: 'auto' "
-        "times both forms here and keeps the faster (only when --target is this machine); "
-        "'always'; 'never'.")
+    split_layer_norms: Literal["auto", "always", "never"] = option(
+        "auto", "Residual LayerNorms (SkipLayerNormalization, LayerNormalization(Add)) written as "
+        "LayerNormalization(Sum), which keeps them out of ORT's slow SkipLayerNormalization CPU "
+        "kernel: 'auto' times both forms here and keeps the faster (only when --target is this "
+        "machine); 'always'; 'never'.")
     threads: list[int] = option([1, 2], "Thread counts the LayerNorm forms are timed at.")
     latency_budget_s: float = option(1.0, "Seconds of interleaved timing per thread count.")
 
@@ -104,7 +104,7 @@ class FuseTransformerPass(OptPass):
             # and its LayerNorms the 2-D form.
             rewritten = quantizable_attention(model) if cfg.quantizable_attention else {}
             fired = {k: n for k, n in rewritten.items() if n}
-            layer_norms = self._flatten_layer_norms(model)
+            layer_norms = self._split_layer_norms(model)
             self.notes = {"fusions": fired, "contrib_ops": dict(_contrib_ops(model))}
             if layer_norms:
                 self.notes["layer_norms"] = layer_norms
@@ -117,7 +117,7 @@ class FuseTransformerPass(OptPass):
         if cfg.quantizable_attention:
             rewritten = {k: n for k, n in quantizable_attention(fused).items() if n}
             fired.update(rewritten)
-        layer_norms = self._flatten_layer_norms(fused)
+        layer_norms = self._split_layer_norms(fused)
         common.RemoveUnusedOpsetsPass()(fused)
         replace_contents(model, fused)
         self.notes = {"fusions": fired, "contrib_ops": dict(_contrib_ops(model))}
@@ -125,22 +125,22 @@ class FuseTransformerPass(OptPass):
             self.notes["layer_norms"] = layer_norms
         return ir.passes.PassResult(model, True)
 
-    def _flatten_layer_norms(self, fused: ir.Model) -> dict[str, Any]:
-        """Put the residual LayerNorms on a 2-D view (:mod:`.quantize_kernels`) when that runs
-        faster here. ORT 1.32's SkipLayerNormalization CPU kernel, which ORT also fuses
-        ``LayerNormalization(Add)`` into at load, took 0.20 ms for a [1, 128, 384] input against
-        0.035 ms for the 2-D form (benchmarks/bench_layer_norm.py): 2.1 of MiniLM-L6's 18 ms at
-        1 thread. Timed rather than assumed, since a later ORT or another CPU may not share the
-        slow kernel."""
+    def _split_layer_norms(self, fused: ir.Model) -> dict[str, Any]:
+        """Write the residual LayerNorms as LayerNormalization(Sum) (:mod:`.quantize_kernels`)
+        when that runs faster here. ORT 1.32's SkipLayerNormalization CPU kernel, which ORT also
+        fuses ``LayerNormalization(Add)`` into at load, took 0.20 ms for a [1, 128, 384] input
+        against 0.035 ms for LayerNormalization (benchmarks/bench_layer_norm.py): 2.1 of
+        MiniLM-L6's 18 ms at 1 thread. Timed rather than assumed, since a later ORT or another
+        CPU may not share the slow kernel."""
         cfg: FuseTransformerConfig = self.config
-        if cfg.flat_layer_norms == "never" or fused.opset_imports.get("", 0) < 17:
-            return {}  # the 2-D form needs LayerNormalization (opset 17)
-        flat = fused.clone()
-        count = flat_layer_norm_rules().apply_to_model(flat)
+        if cfg.split_layer_norms == "never" or fused.opset_imports.get("", 0) < 17:
+            return {}  # LayerNormalization needs opset 17
+        split = fused.clone()
+        count = split_layer_norm_rules().apply_to_model(split)
         if not count:
             return {}
         notes: dict[str, Any] = {"rewritten": count}
-        if cfg.flat_layer_norms == "auto":
+        if cfg.split_layer_norms == "auto":
             target = resolve_target(self.context.target)
             if not is_host(target):  # as the quantize pass: timing here says nothing there
                 return {**notes, "kept": False,
@@ -150,13 +150,12 @@ class FuseTransformerPass(OptPass):
             sample = self._latency_feeds()
             if sample is None:
                 return {**notes, "kept": False, "why": "no sample inputs to time on"}
-            as_found, flattened = ir.to_proto(fused), ir.to_proto(flat)
-            timing = measure(as_found, {"flattened": flattened}, sample, cfg.threads,
-                             cfg.latency_budget_s)["flattened"]
+            timing = measure(ir.to_proto(fused), {"split": ir.to_proto(split)}, sample,
+                             cfg.threads, cfg.latency_budget_s)["split"]
             notes["speedup"] = {t: round(s, 3) for t, s in timing.speedups.items()}
             if geomean(timing.speedups.values()) <= 1.0:
                 return {**notes, "kept": False, "why": "not faster here"}
-        replace_contents(fused, flat)
+        replace_contents(fused, split)
         return {**notes, "kept": True}
 
     def _latency_feeds(self) -> dict[str, np.ndarray] | None:

@@ -118,31 +118,32 @@ def test_minilm_fused_model_runs_with_full_ort_optimizations(minilm: dict) -> No
 
 
 @pytest.mark.slow
-def test_flat_layer_norms_keep_ort_off_its_skip_layer_norm_kernel(minilm: dict) -> None:
-    """``flat_layer_norms: always``: every SkipLayerNormalization becomes Add + a 2-D
-    LayerNormalization, the outputs stay within the fusion budget, and ORT with all its
+def test_split_layer_norms_keep_ort_off_its_skip_layer_norm_kernel(minilm: dict) -> None:
+    """``split_layer_norms: always``: every SkipLayerNormalization becomes
+    LayerNormalization(Sum), the outputs stay within the fusion budget, and ORT with all its
     optimizations does not fuse them back (its SkipLayerNormalization CPU kernel is the slow
     one, see passes/transformer.py)."""
-    flat = minilm["fused"].clone()
-    skip_nodes = contrib_ops(flat)["SkipLayerNormalization"]
-    fuse_pass = FuseTransformerPass(FuseTransformerConfig(flat_layer_norms="always"))
-    assert fuse_pass(flat).modified
+    split = minilm["fused"].clone()
+    skip_nodes = contrib_ops(split)["SkipLayerNormalization"]
+    fuse_pass = FuseTransformerPass(FuseTransformerConfig(split_layer_norms="always"))
+    assert fuse_pass(split).modified
     assert fuse_pass.notes["layer_norms"] == {"rewritten": skip_nodes, "kept": True}
-    assert contrib_ops(flat)["SkipLayerNormalization"] == 0
-    assert sum(n.op_type == "LayerNormalization" for n in flat.graph) >= skip_nodes
+    assert contrib_ops(split)["SkipLayerNormalization"] == 0
+    assert sum(n.op_type == "LayerNormalization" for n in split.graph) >= skip_nodes
+    assert sum(n.op_type == "Sum" for n in split.graph) == skip_nodes
     unfused = run(minilm["unfused"], minilm["feeds"])
-    assert TRANSFORMER_BUDGET.check(unfused, run(flat, minilm["feeds"])) is None
+    assert TRANSFORMER_BUDGET.check(unfused, run(split, minilm["feeds"])) is None
     options = runner.session_options(threads=1, opt_level="all")
     with tempfile.TemporaryDirectory() as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "loaded.onnx")
-        ort.InferenceSession(ir.serde.serialize_model(flat).SerializeToString(), options,
+        ort.InferenceSession(ir.serde.serialize_model(split).SerializeToString(), options,
                              providers=["CPUExecutionProvider"])
         loaded = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     assert loaded["SkipLayerNormalization"] == 0 and loaded["LayerNormalization"] >= skip_nodes
 
 
 @pytest.mark.slow
-def test_flat_layer_norms_auto_times_both_forms(minilm: dict) -> None:
+def test_split_layer_norms_auto_times_both_forms(minilm: dict) -> None:
     """'auto' times the two forms on the inputs it is given and records it; 'never' keeps
     SkipLayerNormalization. Which form wins is the machine's business: not asserted."""
     model = minilm["fused"].clone()
@@ -151,8 +152,8 @@ def test_flat_layer_norms_auto_times_both_forms(minilm: dict) -> None:
     fuse_pass(model)
     notes = fuse_pass.notes["layer_norms"]
     assert set(notes["speedup"]) == {1, 2} and all(s > 0 for s in notes["speedup"].values())
-    flattened = contrib_ops(model)["SkipLayerNormalization"] == 0
-    assert notes["kept"] is flattened
+    split = contrib_ops(model)["SkipLayerNormalization"] == 0
+    assert notes["kept"] is split
     # optimizing for another device: nothing is timed, SkipLayerNormalization stays
     arm = minilm["fused"].clone()
     for_arm = FuseTransformerPass(context=PassContext(verify_feeds=[minilm["feeds"]],
@@ -161,7 +162,7 @@ def test_flat_layer_norms_auto_times_both_forms(minilm: dict) -> None:
     assert "not this machine" in for_arm.notes["layer_norms"]["why"]
     assert contrib_ops(arm)["SkipLayerNormalization"] > 0
     kept = minilm["fused"].clone()
-    never = FuseTransformerPass(FuseTransformerConfig(flat_layer_norms="never"))
+    never = FuseTransformerPass(FuseTransformerConfig(split_layer_norms="never"))
     assert not never(kept).modified
     assert contrib_ops(kept)["SkipLayerNormalization"] == contrib_ops(minilm["fused"])[
         "SkipLayerNormalization"] > 0

@@ -365,19 +365,24 @@ def test_int8_recipe_fuses_before_quantizing() -> None:
 # --- residual LayerNorms kept out of ORT's SkipLayerNormalization kernel ----------------------
 
 
-def _residual_block(skip_op: bool, rank: int = 3) -> onnx.ModelProto:
-    """x -> MatMul -> + x -> LayerNorm (or the fused com.microsoft SkipLayerNormalization)."""
+def _residual_block(skip_op: bool, rank: int = 3, bias: bool = False) -> onnx.ModelProto:
+    """x -> MatMul [+ bias] -> + x -> LayerNorm (or the fused com.microsoft
+    SkipLayerNormalization, which takes the bias as its fifth input)."""
     rng = np.random.default_rng(0)
     shape = [1, 8, 16] if rank == 3 else [8, 16]
     inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "gamma"),
-             numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "beta")]
+             numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "bias")]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
     if skip_op:
-        nodes.append(helper.make_node("SkipLayerNormalization", ["h", "x", "gamma", "beta"], ["y"],
-                                      domain="com.microsoft", epsilon=1e-12))
+        nodes.append(helper.make_node("SkipLayerNormalization",
+                                      ["h", "x", "gamma", "beta"] + (["bias"] if bias else []),
+                                      ["y"], domain="com.microsoft", epsilon=1e-12))
     else:
-        nodes += [helper.make_node("Add", ["h", "x"], ["s"]),
+        if bias:
+            nodes.append(helper.make_node("Add", ["h", "bias"], ["hb"]))
+        nodes += [helper.make_node("Add", ["hb" if bias else "h", "x"], ["s"]),
                   helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"],
                                    epsilon=1e-12)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, shape)],
@@ -398,21 +403,43 @@ def _ort_optimized_ops(proto: onnx.ModelProto, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("skip_op", [False, True], ids=["add-layernorm", "skiplayernorm"])
-def test_flattened_layer_norm_same_values_and_no_skiplayernorm_kernel(skip_op, tmp_path):
-    from onnxopt.passes.quantize_kernels import flatten_layer_norms
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_split_layer_norm_same_values_and_no_skiplayernorm_kernel(skip_op, bias, tmp_path):
+    from onnxopt.passes.quantize_kernels import split_layer_norms
 
-    model = _residual_block(skip_op)
+    model = _residual_block(skip_op, bias=bias)
     assert "SkipLayerNormalization" in _ort_optimized_ops(model, tmp_path)
-    flat, count = flatten_layer_norms(model)
+    split, count = split_layer_norms(model)
     assert count == 1
-    onnx.checker.check_model(flat, full_check=True)
-    assert "SkipLayerNormalization" not in _ort_optimized_ops(flat, tmp_path)
+    onnx.checker.check_model(split, full_check=True)
+    # The residual sum is a Sum; a bias is added to the MatMul's output first (where ORT folds
+    # it into a dynamically quantized MatMul), and no Reshape/Shape nodes are needed.
+    assert ops(split) == ["MatMul"] + (["Add"] if bias else []) + ["Sum", "LayerNormalization"]
+    if bias:
+        assert split.graph.node[1].input[0] == "h"
+    assert "SkipLayerNormalization" not in _ort_optimized_ops(split, tmp_path)
     x = {"x": np.random.default_rng(1).standard_normal((1, 8, 16)).astype(np.float32)}
-    np.testing.assert_allclose(run(flat, x), run(model, x, opt_level="disabled"), atol=1e-5)
+    np.testing.assert_allclose(run(split, x), run(model, x, opt_level="disabled"), atol=1e-5)
 
 
-def test_flattening_leaves_2d_layer_norms_alone():
-    from onnxopt.passes.quantize_kernels import flatten_layer_norms
+def test_split_leaves_2d_layer_norms_alone():
+    from onnxopt.passes.quantize_kernels import split_layer_norms
 
     # ORT fuses only 3-D sums: a 2-D one already runs the fast LayerNormalization kernel.
-    assert flatten_layer_norms(_residual_block(False, rank=2))[1] == 0
+    assert split_layer_norms(_residual_block(False, rank=2))[1] == 0
+
+
+def test_prepare_keeps_the_residual_sum_of_a_split_layer_norm(tmp_path: Path) -> None:
+    """``prepare`` writes two-input Sums as Add (quantizable), except a Sum feeding a
+    LayerNormalization: that is the split form, which an Add would send back into ORT's slow
+    SkipLayerNormalization."""
+    from onnxopt.passes.quantize_kernels import split_layer_norms
+    from onnxopt.passes.quantize_prepare import prepare
+
+    split, _ = split_layer_norms(_residual_block(True, bias=True))
+    model = ir.serde.deserialize_model(split)
+    other = ir.node("Sum", [model.graph.outputs[0], model.graph.inputs[0]], num_outputs=1)
+    model.graph.append(other)
+    model.graph.outputs[0] = other.outputs[0]
+    prepared = prepare(model, tmp_path)
+    assert ops(prepared.proto) == ["MatMul", "Add", "Sum", "LayerNormalization", "Add"]
