@@ -278,7 +278,7 @@ class QuantizePass(OptPass):
         return ir.passes.PassResult(model, True)
 
     def _split_layer_norms(self, fp32: onnx.ModelProto, outcome: Outcome,
-                             evaluator: Evaluator, sample: Feeds) -> None:
+                           evaluator: Evaluator, sample: Feeds) -> None:
         """Keep the result's residual LayerNorms out of ORT's slow SkipLayerNormalization kernel
         (:mod:`.quantize_kernels`) when, timed against the result as it is, that is faster and
         the metric stays within budget (values move by float rounding only, but INT8 rounding

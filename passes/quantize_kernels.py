@@ -2,9 +2,10 @@
 
 ORT fuses ``LayerNormalization(Add(a, b))`` over 3-D tensors into ``SkipLayerNormalization`` when
 it loads a model, and its CPU kernel (onnxruntime 1.32) is slow: 0.20 ms for a [1, 128, 384]
-input at 1 thread against 0.035 ms for ``LayerNormalization`` after the sum, on a quiet machine
-(``benchmarks/bench_layer_norm.py``; 5-6x at hidden 256 to 1024, about 2x at 2 threads). Once the
-matrix products of MiniLM-L6 run in INT8, its 13 LayerNorms took about a quarter of the time.
+input at 1 thread against 0.033 ms for the form below, on a quiet machine
+(``benchmarks/bench_layer_norm.py``; 5.6-6.6x at hidden 256 to 1024, 3.4-5.0x at 2 threads).
+Once the matrix products of MiniLM-L6 run in INT8, its 13 LayerNorms took about a quarter of
+the time.
 
 Writing the residual sum as ``Sum`` instead of ``Add`` computes the same values and is outside
 that fusion (it matches ``Add`` only), so ORT runs its fast ``LayerNormalization`` kernel. A
@@ -13,7 +14,8 @@ Add(x, bias), skip))``: the bias joins the sublayer's MatMul output first, where
 into the matrix product of a dynamically quantized model (``DynamicQuantizeMatMul`` takes a
 bias). An earlier form ran the LayerNorm on a 2-D view (Reshape, LayerNormalization, Reshape
 back to the Shape of the sum); this one needs none of those nodes, and MiniLM-L6's INT8 model
-ran 1.5-1.8% faster with it at 1 thread and 3.7-4.6% at 2 (``benchmarks/RESULTS.md``, INT8).
+ran 1.5-1.8% faster with it at 1 thread and 3.7-4.6% at 2 (``benchmarks/RESULTS.md``,
+"Residual LayerNorms as Sum").
 ``fuse-transformer`` (FP32) and the quantize pass (INT8) time the rewritten model against the
 unrewritten one and keep it only when it is faster (:func:`split_layer_norms` only builds it).
 

@@ -101,7 +101,7 @@ class FuseTransformerPass(OptPass):
                 fired["embed_layer_normalization"] = n
         if not fired:
             # Attention fused earlier (or by another tool) may still need the QAttention form,
-            # and its LayerNorms the 2-D form.
+            # and its LayerNorms the split form.
             rewritten = quantizable_attention(model) if cfg.quantizable_attention else {}
             fired = {k: n for k, n in rewritten.items() if n}
             layer_norms = self._split_layer_norms(model)
