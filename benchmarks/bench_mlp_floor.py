@@ -83,11 +83,10 @@ def empty_like(model: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def matmul_nbits(fp32: Path) -> onnx.ModelProto | None:
+def matmul_nbits(model: onnx.ModelProto) -> onnx.ModelProto | None:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
-    model = onnx.load(fp32)
     if not any(node.op_type == "MatMul" for node in model.graph.node):
         return None  # the quantizer rewrites MatMul only (the PyTorch export writes Gemm)
     config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4,
@@ -104,7 +103,8 @@ def variants(name: str, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     onnxopt.save(case.model, fp32)
     bench_int8.onnxopt_recipe(case, ["int8"], int8)
     paths = {"fp32": fp32, "empty": work / f"{name}-empty.onnx"}
-    onnx.save(empty_like(onnx.load(fp32)), paths["empty"])
+    fp32_proto = onnx.load(fp32)
+    onnx.save(empty_like(fp32_proto), paths["empty"])
     runs = as_runtime_runs_it(int8, work / f"{name}-int8-ort.onnx")
     for count in range(1, len(runs.graph.node)):
         label = f"int8 cut after {count} ({runs.graph.node[count - 1].op_type})"
@@ -113,7 +113,7 @@ def variants(name: str, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     paths["int8"] = int8
     with contextlib.redirect_stdout(io.StringIO()):
         paths["ort-dynamic"] = bench_int8.ort_dynamic(fp32, work / f"{name}-dynamic.onnx")
-        nbits = matmul_nbits(fp32)
+        nbits = matmul_nbits(fp32_proto)
     if nbits is not None:
         paths["matmul-nbits-8"] = work / f"{name}-nbits8.onnx"
         onnx.save(nbits, paths["matmul-nbits-8"])
