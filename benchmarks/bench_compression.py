@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from onnxopt.passes.deep_compression import compression_table
+from onnxopt.passes.compress.deep_compress import compression_table
 
 from onnxopt import digits
 from onnxopt.api import optimize

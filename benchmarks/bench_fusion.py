@@ -30,8 +30,8 @@ from onnxopt.benchmark import benchmark
 from onnxopt.feeds import synthesize_feeds
 from onnxopt.metrics import compare
 from onnxopt.passes.cleanup import CleanupPass
-from onnxopt.passes.fusion import FusePass
-from onnxopt.passes.transformer import FuseTransformerPass
+from onnxopt.passes.fusion.fuse import FusePass
+from onnxopt.passes.fusion.fuse_transformer import FuseTransformerPass
 from onnxopt.registry import PassContext
 from onnxopt.zoo import light_model, minilm
 

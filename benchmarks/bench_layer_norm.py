@@ -7,7 +7,7 @@ hidden], written three ways:
   fusions and ORT's own optimizer write);
 * ``add-layer-norm``: ``Add``, ``Add``, ``LayerNormalization``, which ORT fuses into
   ``SkipLayerNormalization`` when it loads the model (the "graph ORT runs" column says);
-* ``split``: the same after :func:`onnxopt.passes.quantize_kernels.split_layer_norm_rules`
+* ``split``: the same after :func:`onnxopt.passes.fusion._layer_norms.split_layer_norm_rules`
   (``Add(x, bias)``, ``Sum`` with ``skip``, ``LayerNormalization``), which ORT leaves alone.
 
 Timed with :func:`onnxopt.benchmark.benchmark` (interleaved, one process), ORT optimizations
@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 
 from onnxopt import runner
 from onnxopt.benchmark import benchmark
-from onnxopt.passes.quantize_kernels import split_layer_norm_rules
+from onnxopt.passes.fusion._layer_norms import split_layer_norm_rules
 
 VARIANTS = ("skip-layer-norm", "add-layer-norm", "split")
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import pytest
 
-from onnxopt.passes.channel_groups import ChannelGroup, analyze_channels, connected_components
+from onnxopt.passes.prune_channels._groups import ChannelGroup, analyze_channels, connected_components
 
 OPSET = '<ir_version: 8, opset_import: ["" : 17]>'
 

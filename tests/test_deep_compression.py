@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from compression_models import mlp_proto, trained_digits_mlp
-from onnxopt.passes.deep_compression import compression_table
+from onnxopt.passes.compress.deep_compress import compression_table
 
 import onnxopt
 from onnxopt.cli import main
@@ -174,7 +174,7 @@ def test_many_layers_refit_independently_with_one_capture(monkeypatch: pytest.Mo
     """Past ``sequential_layers`` the search captures activations once, not once per layer and
     candidate (regression: MobileNetV2, 53 layers, ran over 20 minutes), and past
     ``search_layers`` the smaller layers share one bit width."""
-    from onnxopt.passes import layer_refit
+    from onnxopt.passes.compress import _refit as layer_refit
 
     captures = []
     real_capture = layer_refit.capture
@@ -208,7 +208,7 @@ def test_an_output_that_became_zero_fails_the_cosine_budget() -> None:
     exact zeros and still scored cosine 1.0 (a zero norm counted as 'unchanged')."""
     import onnx_ir as ir
 
-    from onnxopt.passes.deep_compression import Evaluator
+    from onnxopt.passes.compress.deep_compress import Evaluator
 
     model = ir.serde.deserialize_model(mlp_proto())
     (spec,) = model.graph.inputs
@@ -223,7 +223,7 @@ def test_an_output_that_became_zero_fails_the_cosine_budget() -> None:
 
 
 def test_biases_float16_would_flush_stay_float32() -> None:
-    from onnxopt.passes.deep_compression import _holds_in_float16
+    from onnxopt.passes.compress.deep_compress import _holds_in_float16
 
     rng = np.random.default_rng(0)
     assert _holds_in_float16(rng.normal(0, 0.1, 64).astype(np.float32))

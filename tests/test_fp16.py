@@ -13,8 +13,8 @@ import pytest
 import onnxopt
 from onnxopt import runner
 from onnxopt.metrics import cosine_similarity
-from onnxopt.passes.fp16 import FP16_BUDGET, Fp16Pass, float16_ops, local_fp16_kernel
-from onnxopt.passes.fp16_kernels import AARCH64_FP16_OPS
+from onnxopt.passes.fp16.fp16 import FP16_BUDGET, Fp16Pass, float16_ops, local_fp16_kernel
+from onnxopt.passes.fp16._kernels import AARCH64_FP16_OPS
 from onnxopt.recipes import load_recipe
 
 

@@ -17,7 +17,7 @@ import onnxopt
 from onnxopt import runner
 from onnxopt.errors import InputError
 from onnxopt.feeds import synthesize_feeds
-from onnxopt.passes.fusion import FusePass, unfolded_batchnorms
+from onnxopt.passes.fusion.fuse import FusePass, unfolded_batchnorms
 from onnxopt.recipes import load_recipe
 
 RTOL, ATOL = 1e-4, 1e-5  # onnxopt.metrics.EXACT

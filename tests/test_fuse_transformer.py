@@ -17,8 +17,8 @@ import pytest
 from onnxopt import runner
 from onnxopt.metrics import cosine_similarity
 from onnxopt.passes.cleanup import CleanupPass
-from onnxopt.passes.fusion import FusePass
-from onnxopt.passes.transformer import (TRANSFORMER_BUDGET, FuseTransformerConfig,
+from onnxopt.passes.fusion.fuse import FusePass
+from onnxopt.passes.fusion.fuse_transformer import (TRANSFORMER_BUDGET, FuseTransformerConfig,
                                         FuseTransformerPass)
 from onnxopt.recipes import load_recipe
 from onnxopt.registry import PassContext, pass_class

@@ -13,9 +13,10 @@ from compression_models import (
     run,
     trained_digits_mlp,
 )
-from onnxopt.passes import layer_refit, weight_storage
-from onnxopt.passes.linear_layers import find_layers
-from onnxopt.passes.prune import PruneConfig, PrunePass
+from onnxopt.passes.compress import _refit as layer_refit
+from onnxopt.passes.compress import _storage as weight_storage
+from onnxopt.passes.compress._layers import find_layers
+from onnxopt.passes.compress.prune import PruneConfig, PrunePass
 
 import onnxopt
 from onnxopt.errors import InputError

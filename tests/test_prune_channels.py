@@ -15,7 +15,7 @@ from test_channel_groups import (CONV_BN_CONV, CONV_BN_CONV_SHAPES, FFN, FFN_CON
 from onnxopt import runner
 from onnxopt.errors import InputError
 from onnxopt.metrics import compare
-from onnxopt.passes.prune_channels import PruneChannelsConfig, PruneChannelsPass
+from onnxopt.passes.prune_channels.prune_channels import PruneChannelsConfig, PruneChannelsPass
 from onnxopt.recipes import builtin_recipes, load_recipe
 from onnxopt.registry import PASSES, PassContext, make_config
 from onnxopt.stats import model_stats
@@ -321,7 +321,7 @@ def test_refit_into_a_residual_join_absorbs_the_upstream_error(monkeypatch: Any)
     # exactly: it leaves an error in h1, linear in x. Block 2's 16 kept neurons span h1, so
     # down2 fitted to the original join sum minus the pruned h1 removes that error; fitted to
     # its own original output, it passes the error on.
-    from onnxopt.passes import channel_reconstruction
+    from onnxopt.passes.prune_channels import _reconstruction as channel_reconstruction
 
     model = build(RESIDUAL_MLP, dict(w1=(8, 8), b1=(8,), c1=(8,), w3=(8, 32), b3=(32,),
                                      w4=(32, 8), c2=(8,)),

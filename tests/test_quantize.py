@@ -22,7 +22,7 @@ from onnxopt import runner
 from onnxopt.errors import InputError, QualityGateError
 from onnxopt.evaluation import top1_accuracy
 from onnxopt.metrics import cosine_similarity
-from onnxopt.passes.quantize import AccuracyBudgetError
+from onnxopt.passes.quantize.quantize import AccuracyBudgetError
 from onnxopt.recipes import load_recipe
 
 QUIET = {"measure_latency": False}
@@ -405,7 +405,7 @@ def _ort_optimized_ops(proto: onnx.ModelProto, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("skip_op", [False, True], ids=["add-layernorm", "skiplayernorm"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_split_layer_norm_same_values_and_no_skiplayernorm_kernel(skip_op, bias, tmp_path):
-    from onnxopt.passes.quantize_kernels import split_layer_norms
+    from onnxopt.passes.fusion._layer_norms import split_layer_norms
 
     model = _residual_block(skip_op, bias=bias)
     assert "SkipLayerNormalization" in _ort_optimized_ops(model, tmp_path)
@@ -423,7 +423,7 @@ def test_split_layer_norm_same_values_and_no_skiplayernorm_kernel(skip_op, bias,
 
 
 def test_split_leaves_2d_layer_norms_alone():
-    from onnxopt.passes.quantize_kernels import split_layer_norms
+    from onnxopt.passes.fusion._layer_norms import split_layer_norms
 
     # ORT fuses only 3-D sums: a 2-D one already runs the fast LayerNormalization kernel.
     assert split_layer_norms(_residual_block(False, rank=2))[1] == 0
@@ -433,8 +433,8 @@ def test_prepare_keeps_the_residual_sum_of_a_split_layer_norm(tmp_path: Path) ->
     """``prepare`` writes two-input Sums as Add (quantizable), except a Sum feeding a
     LayerNormalization: that is the split form, which an Add would send back into ORT's slow
     SkipLayerNormalization."""
-    from onnxopt.passes.quantize_kernels import split_layer_norms
-    from onnxopt.passes.quantize_prepare import prepare
+    from onnxopt.passes.fusion._layer_norms import split_layer_norms
+    from onnxopt.passes.quantize._prepare import prepare
 
     split, _ = split_layer_norms(_residual_block(True, bias=True))
     model = ir.serde.deserialize_model(split)

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import runner
-from onnxopt.passes.quantize_convert import QuantSpec, _dynamic, _dynamic_streamed, convert
-from onnxopt.passes.quantize_streamed import covers
+from onnxopt.passes.quantize._convert import QuantSpec, _dynamic, _dynamic_streamed, convert
+from onnxopt.passes.quantize._streamed import covers
 
 WIDTH = 48
 

@@ -17,9 +17,9 @@ from compression_models import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnxopt.passes import weight_storage
-from onnxopt.passes.linear_layers import find_layers
-from onnxopt.passes.share_weights import ShareWeightsConfig, ShareWeightsPass, cluster
+from onnxopt.passes.compress import _storage as weight_storage
+from onnxopt.passes.compress._layers import find_layers
+from onnxopt.passes.compress.share_weights import ShareWeightsConfig, ShareWeightsPass, cluster
 
 import onnxopt
 from onnxopt.evaluation import top1_accuracy
