@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench zoo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-report build *.egg-info
+
+# The conformance zoo: every built-in recipe on every zoo model (resumable; hours on 2 cores).
+zoo: $(STAMP)
+	$(PY) benchmarks/zoo/run.py --results-md

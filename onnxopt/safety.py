@@ -158,7 +158,11 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
 
 def check_declared_types(proto: onnx.ModelProto, path: str | Path | None = None) -> None:
     """Element types must be defined ONNX types and static dims non-negative (the checker lets
-    both through; onnx_ir and numpy then fail with tracebacks)."""
+    both through; onnx_ir and numpy then fail with tracebacks).
+
+    A declared dim of -1 is the convention of some exporters (paddle2onnx, older converters) for
+    "dynamic", and ONNX Runtime reads it so: it becomes an unknown dim of the in-memory copy
+    (the file is never touched). Other negative dims are refused."""
     for graph in _graphs(proto.graph):
         for vi in [*graph.input, *graph.output, *graph.value_info]:
             tensor_type = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
@@ -168,7 +172,9 @@ def check_declared_types(proto: onnx.ModelProto, path: str | Path | None = None)
                 raise InputError(f"'{vi.name}' declares element type {tensor_type.elem_type}, "
                                  "which is not an ONNX tensor type", path)
             for d in tensor_type.shape.dim:
-                if d.HasField("dim_value") and d.dim_value < 0:
+                if d.HasField("dim_value") and d.dim_value == -1:
+                    d.ClearField("dim_value")
+                elif d.HasField("dim_value") and d.dim_value < 0:
                     raise InputError(f"'{vi.name}' declares a negative dimension "
                                      f"({d.dim_value})", path)
         for t in graph.initializer:

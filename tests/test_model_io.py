@@ -108,3 +108,21 @@ def test_write_bytes_atomic_replaces(tmp_path: Path) -> None:
     write_bytes_atomic(b"two", target)
     assert target.read_bytes() == b"two"
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_minus_one_dims_read_as_dynamic(tmp_path: Path, mlp_model: onnx.ModelProto) -> None:
+    """paddle2onnx and older converters write -1 for a dynamic dim (ONNX Runtime reads it so):
+    the model loads with that dim unknown, and the file stays as it was."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(mlp_model)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "minus_one.onnx"
+    onnx.save(proto, str(path))
+    before = path.read_bytes()
+    model = load_model(path)
+    assert model.graph.inputs[0].shape[0] is None or not isinstance(model.graph.inputs[0].shape[0], int)
+    assert path.read_bytes() == before
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -7
+    onnx.save(proto, str(path))
+    with pytest.raises(InputError, match="negative dimension"):
+        load_model(path)
