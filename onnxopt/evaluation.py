@@ -31,12 +31,23 @@ def session_for(model: ModelLike, **options: object) -> ort.InferenceSession:
     temporary file with external data, which ORT maps instead of copying (see
     :func:`as_file`); smaller ones are handed over as bytes.
     """
+    with ort_source(model) as source:
+        return runner.create_session(source, **options)
+
+
+@contextlib.contextmanager
+def ort_source(model: ModelLike) -> Iterator[str | bytes]:
+    """What ``onnxruntime.InferenceSession`` takes for ``model``: its path, its serialized bytes,
+    or, over ``FILE_SESSION_THRESHOLD`` bytes of tensors, the path of a temporary copy with
+    external data (:func:`as_file`; protobuf cannot serialize past 2 GB). A session made inside
+    the block outlives it."""
     if isinstance(model, (str, Path)):
-        return runner.create_session(str(model), **options)
-    if not better_as_file(model):
-        return runner.create_session(to_proto(model).SerializeToString(), **options)
-    with as_file(model) as path:
-        return runner.create_session(str(path), **options)
+        yield str(model)
+    elif not better_as_file(model):
+        yield to_proto(model).SerializeToString()
+    else:
+        with as_file(model) as path:
+            yield str(path)
 
 
 @contextlib.contextmanager

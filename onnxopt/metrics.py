@@ -43,6 +43,19 @@ def cosine_similarity(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.dot(r, o) / (nr * no))
 
 
+def sample_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``out`` against the same row of ``ref`` (samples x features): 1 where
+    both rows are zero, 0 where only one is (an output that became zeros has changed).
+
+    :func:`cosine_similarity` is the cosine of whole tensors (the pipeline's budgets); this one is
+    per sample, for accuracy scores (:mod:`onnxopt.passes._shared.scoring`).
+    """
+    a, b = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return np.where((na == 0) & (nb == 0), 1.0,
+                    (a * b).sum(axis=1) / np.maximum(na * nb, 1e-300))
+
+
 def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (infinite when identical)."""
     r, o = _flat(ref), _flat(out)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import metrics, provenance, runner, safety
+from onnxopt import activations, metrics, provenance, runner, safety
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
 from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
@@ -319,8 +319,7 @@ def _first_diverging_node(before_frozen: Frozen, after_frozen: Frozen, feeds: Fe
     names = [o for _, o in candidates]
     if not names:
         return None
-    ref, out = (_run_with_outputs(m, f, names, feeds)
-                for m, f in ((before, before_frozen), (after, after_frozen)))
+    ref, out = (_run_with_outputs(f, names, feeds) for f in (before_frozen, after_frozen))
     for node, name in candidates:
         if budget.check(ref[name], out[name]):
             return f"{node.name or '?'} ({node.op_type}) -> '{name}'"
@@ -334,18 +333,10 @@ def _graph_of(frozen: Frozen) -> onnx.ModelProto:
     return onnx.load(frozen, load_external_data=False)
 
 
-def _run_with_outputs(proto: onnx.ModelProto, frozen: Frozen, names: list[str],
-                      feeds: Feeds) -> dict[str, np.ndarray]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    if isinstance(frozen, bytes):
-        source: Frozen = probe.SerializeToString()
-    else:  # next to the frozen file, so its external data resolves
-        source = frozen + ".probe.onnx"
-        onnx.save(probe, source)
-    return _bounded(runner.reference_session(source), feeds)
+def _run_with_outputs(frozen: Frozen, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
+    with activations.outputs_added(frozen, names) as source:  # a file: beside it, no tensor copy
+        session = runner.reference_session(source)
+    return _bounded(session, feeds)
 
 
 def jsonable(obj: Any) -> Any:

@@ -208,7 +208,7 @@ def test_an_output_that_became_zero_fails_the_cosine_budget() -> None:
     exact zeros and still scored cosine 1.0 (a zero norm counted as 'unchanged')."""
     import onnx_ir as ir
 
-    from onnxopt.passes.compress.deep_compress import Evaluator
+    from onnxopt.passes._shared.scoring import GuardedEvaluator as Evaluator
 
     model = ir.serde.deserialize_model(mlp_proto())
     (spec,) = model.graph.inputs

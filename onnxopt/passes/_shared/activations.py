@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runner
-from onnxopt.evaluation import session_for
+from onnxopt.activations import session_with_outputs
 from onnxopt.feeds import Feeds
 
 # Samples used for activation statistics: enough for percentiles and SQNR, small in memory.
@@ -40,13 +40,11 @@ def capture(proto: onnx.ModelProto, feeds: Feeds,
     # An ORT Attention also needs its integer mask to run alone (per-node SQNR).
     attention_inputs = {v.name for n in graph if n.op_type == "Attention" for v in n.inputs
                         if v is not None}
-    for node in graph:
-        for value in node.outputs:
-            if value.name not in outputs and (value.dtype in _FLOATS
-                                              or value.name in attention_inputs):
-                graph.outputs.append(value)
-                outputs.add(value.name)
-    session = session_for(model, threads=None, opt_level="disabled", config=config)
+    names = [value.name for node in graph for value in node.outputs
+             if value.name not in outputs and (value.dtype in _FLOATS
+                                               or value.name in attention_inputs)]
+    session = session_with_outputs(model, names, opt_level="disabled", threads=None,
+                                   config=config)
     values = runner.run(session, feeds)
     values.update({k: v for k, v in feeds.items()
                    if v.dtype.kind == "f" or k in attention_inputs})

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 from onnxopt.passes.compress._layers import Layer
 
-from onnxopt import runner
+from onnxopt import activations
 from onnxopt.feeds import Feeds
 
 
@@ -54,39 +54,22 @@ def single_threaded_blas() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------- capture
 def capture(model: ir.Model, values: Sequence[ir.Value],
             batches: Sequence[Feeds]) -> list[list[np.ndarray]]:
-    """The arrays ``values`` take on each batch (``result[value_index][batch_index]``)."""
-    graph = model.graph
-    unique: list[ir.Value] = []
-    for value in values:
-        if all(value is not u for u in unique):
-            unique.append(value)
-    added: list[ir.Value] = []
-    for i, value in enumerate(unique):
+    """The arrays ``values`` take on each batch (``result[value_index][batch_index]``).
+
+    Session settings as measured since the refits were written: basic graph optimizations, ORT's
+    thread count."""
+    names = []
+    for i, value in enumerate(values):
         if value.name is None:
             value.name = f"onnxopt_capture_{i}"
         if value.type is None:
             value.type = ir.TensorType(ir.DataType.FLOAT)
-        if not value.is_graph_input() and not value.is_graph_output():
-            graph.outputs.append(value)
-            added.append(value)
-    try:
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value in added:
-            graph.outputs.remove(value)
-    fetch = [v.name for v in unique if not v.is_graph_input()]
-    session = runner.create_session(proto.SerializeToString(), threads=None, opt_level="basic")
-    arrays: dict[str, list[np.ndarray]] = {name: [] for name in fetch}
-    for feeds in batches:
-        for name, out in zip(fetch, session.run(fetch, dict(feeds))):
-            arrays[name].append(out)
-    result = []
-    for value in values:
-        if value.is_graph_input():
-            result.append([np.asarray(f[value.name]) for f in batches])
-        else:
-            result.append(arrays[value.name])
-    return result
+        names.append(value.name)
+    arrays: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for outputs in activations.capture(model, names, batches, opt_level="basic", threads=None):
+        for name in arrays:
+            arrays[name].append(outputs[name])
+    return [arrays[name] for name in names]
 
 
 # ---------------------------------------------------------------------------------------- rows

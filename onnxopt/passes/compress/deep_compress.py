@@ -13,9 +13,10 @@ Han, Mao and Dally (ICLR 2016) prune, cluster and Huffman-code weights, retraini
 3. **store**: packed codes + codebook, sparse entries as uint8 gaps; zip (or any entropy coder)
    plays Huffman's part. The smallest zipped model within the budget wins.
 
-The budget is checked on the user's evaluation data (:class:`Evaluator`): top-1 accuracy within
-``max_drop`` points of the model received, at most ``max_flips`` percent of its predictions
-changed and a mean output cosine of at least ``min_cosine``; without labels the cosine alone.
+The budget is checked on the user's evaluation data (``_shared.scoring.GuardedEvaluator``):
+top-1 accuracy within ``max_drop`` points of the model received, at most ``max_flips`` percent of
+its predictions changed and a mean output cosine of at least ``min_cosine``; without labels the
+cosine alone.
 The search lives in this pass rather than in a search module over pipeline runs
 because only a pass receives the calibration and evaluation data with the model, and the stages
 share state between candidates (the reference activations are captured once); the pipeline then
@@ -43,9 +44,10 @@ from onnxopt.passes.compress import prune, share_weights
 from onnxopt.passes.fp16 import MAX_CAST_ERROR, float16_cast_error
 from onnxopt.passes.compress._layers import WEIGHT_OPS, Layer, check_patterns, find_layers
 
-from onnxopt import evaluation, provenance
+from onnxopt import provenance
 from onnxopt.errors import InputError
 from onnxopt.feeds import Feeds
+from onnxopt.passes._shared.scoring import GuardedEvaluator
 from onnxopt.metrics import Budget
 from onnxopt.registry import OptPass, option, register
 from onnxopt.stats import model_stats
@@ -144,84 +146,6 @@ class Candidate:
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-class Evaluator:
-    """Checks models against the budget on the evaluation data.
-
-    A model is within budget when, against the model received: its top-1 accuracy dropped by at
-    most ``max_drop`` points, at most ``max_flips`` percent of its top-1 predictions changed (with
-    labels), and the mean per-sample cosine of its outputs is at least ``min_cosine``.
-
-    Why the two guards: a few hundred labelled samples cannot see a drop of 0.5 points (that is
-    one or two samples), and a search that tries dozens of candidates finds the lucky ones. The
-    flips (predictions changed, right or wrong) bound the drop on any data like the evaluation
-    data, and the cosine moves smoothly before predictions change. Measured on digits (270
-    validation / 450 test samples): top-1 on validation stayed level down to 2.5% of the MLP's
-    weights while test had lost 0.44 points (mean cosine 0.989); a LeNet-5 at 2 bits per layer
-    kept its validation top-1 and changed 7 test predictions, losing 1.1 points.
-    """
-
-    def __init__(self, reference: ir.Model, feeds: Feeds, labels: np.ndarray | None,
-                 max_drop: float, min_cosine: float, max_flips: float = 100.0) -> None:
-        self.feeds, self.labels = feeds, labels
-        self.max_drop, self.min_cosine, self.max_flips = max_drop, min_cosine, max_flips
-        self.reference = self._outputs(reference)
-        self.baseline = self.accuracy(self.reference)
-        self.reference_top1 = next(iter(self.reference.values())).argmax(axis=-1)
-
-    @property
-    def samples(self) -> int:
-        return len(next(iter(self.feeds.values())))
-
-    def describe(self) -> str:
-        guard = f"mean output cosine >= {self.min_cosine:g}"
-        if self.labels is not None:
-            return (f"top-1 drop <= {self.max_drop:g} points, predictions changed <= "
-                    f"{self.max_flips:g}%, {guard}; on {self.samples} evaluation samples")
-        return f"{guard} against the model received, on {self.samples} samples"
-
-    def score(self, model: ir.Model) -> dict[str, float]:
-        outputs = self._outputs(model)
-        scores = {"cosine": round(self.cosine(outputs), 6)}
-        if self.labels is not None:
-            scores["top1"] = round(self.accuracy(outputs), 4)
-            changed = next(iter(outputs.values())).argmax(axis=-1) != self.reference_top1
-            scores["flips_pct"] = round(100.0 * float(np.mean(changed)), 4)
-        return scores
-
-    def ok(self, scores: dict[str, float]) -> bool:
-        if scores["cosine"] < self.min_cosine:
-            return False
-        if self.labels is None:
-            return True
-        return (self.baseline - scores["top1"] <= self.max_drop + 1e-9
-                and scores["flips_pct"] <= self.max_flips + 1e-9)
-
-    def accuracy(self, outputs: dict[str, np.ndarray]) -> float:
-        if self.labels is None:
-            return float("nan")
-        logits = next(iter(outputs.values()))
-        return float(100.0 * np.mean(logits.argmax(axis=-1) == self.labels))
-
-    def cosine(self, outputs: dict[str, np.ndarray]) -> float:
-        """Worst output's mean per-sample cosine against the reference."""
-        worst = 1.0
-        for name, out in outputs.items():
-            ref = self.reference[name].reshape(len(out), -1).astype(np.float64)
-            new = out.reshape(len(out), -1).astype(np.float64)
-            dots = np.sum(ref * new, axis=1)
-            ref_norm, new_norm = np.linalg.norm(ref, axis=1), np.linalg.norm(new, axis=1)
-            # 1 only when both are zero: an output that became all zeros is not "unchanged"
-            # (random-weight MobileNetV2, whose outputs are ~1e-11, passed that way)
-            cos = np.where((ref_norm == 0) & (new_norm == 0), 1.0,
-                           dots / np.maximum(ref_norm * new_norm, 1e-300))
-            worst = min(worst, float(np.mean(cos)))
-        return worst
-
-    def _outputs(self, model: ir.Model) -> dict[str, np.ndarray]:
-        session = evaluation.session_for(model, threads=1)
-        return evaluation.run_batched(session, self.feeds)
-
-
 @register
 class DeepCompressPass(OptPass):
     name = "deep-compress"
@@ -273,7 +197,7 @@ class DeepCompressPass(OptPass):
         self.notes["opset"] = model.opset_imports.get("")
         return ir.passes.PassResult(model, True)
 
-    def _data(self, model: ir.Model) -> tuple[list[Feeds], Evaluator]:
+    def _data(self, model: ir.Model) -> tuple[list[Feeds], GuardedEvaluator]:
         cfg: DeepCompressConfig = self.config
         calibration = list(self.context.calibration or [])
         evaluation_data = self.context.evaluation
@@ -285,7 +209,7 @@ class DeepCompressPass(OptPass):
             evaluation_data = (feeds, None)
         if not calibration:
             calibration = _batches(evaluation_data[0])
-        evaluator = Evaluator(model, evaluation_data[0], evaluation_data[1], cfg.max_drop,
+        evaluator = GuardedEvaluator(model, evaluation_data[0], evaluation_data[1], cfg.max_drop,
                               cfg.min_cosine, cfg.max_flips)
         return calibration, evaluator
 
@@ -313,7 +237,7 @@ class Search:
     """The prune-then-share search over copies of the model received."""
 
     def __init__(self, model: ir.Model, cfg: DeepCompressConfig, batches: list[Feeds],
-                 evaluator: Evaluator, index: weight_storage.IndexDtype, seed: int = 0,
+                 evaluator: GuardedEvaluator, index: weight_storage.IndexDtype, seed: int = 0,
                  original_stats: Any = None) -> None:
         self.original, self.cfg, self.batches = model, cfg, batches
         self.evaluator, self.index, self.seed = evaluator, index, seed

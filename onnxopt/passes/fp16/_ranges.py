@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import runner
+from onnxopt.activations import capture
 from onnxopt.feeds import Feeds
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -47,22 +47,14 @@ class TensorRange:
 
 def activation_ranges(model: ir.Model, batches: Sequence[Feeds]) -> dict[str, TensorRange]:
     """Range and float16 cast error of every float32 node output of the main graph."""
-    values = [v for node in model.graph for v in node.outputs
-              if v.name and v.dtype == ir.DataType.FLOAT]
-    added = [v for v in values if not v.is_graph_output()]
-    model.graph.outputs.extend(added)
-    try:
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value in added:
-            model.graph.outputs.remove(value)
-    session = runner.create_session(proto.SerializeToString(), threads=1, opt_level="disabled")
-    names = [v.name for v in values]
+    names = [v.name for node in model.graph for v in node.outputs
+             if v.name and v.dtype == ir.DataType.FLOAT]
     max_abs = dict.fromkeys(names, 0.0)
     err_sq = dict.fromkeys(names, 0.0)
     ref_sq = dict.fromkeys(names, 0.0)
-    for feeds in batches:
-        for name, out in zip(names, session.run(names, dict(feeds))):
+    # The settings of the pipeline's verification: no graph optimization, one thread.
+    for outputs in capture(model, names, batches, opt_level="disabled", threads=1):
+        for name, out in outputs.items():
             x = np.asarray(out, dtype=np.float64)
             finite = np.isfinite(x)
             if not finite.any():

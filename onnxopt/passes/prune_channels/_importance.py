@@ -24,10 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import runner
 from onnxopt.feeds import Feeds
 from onnxopt.passes.prune_channels._groups import ChannelGroup, Key
-from onnxopt.passes.prune_channels._reconstruction import session_with_outputs
+from onnxopt.passes.prune_channels._reconstruction import capture
 
 UNRANKED = 10.0  # above any relative error a removal order reaches (removing all of X W costs 1)
 
@@ -70,11 +69,9 @@ def channel_rms(model: ir.Model, inputs: Sequence[tuple[ir.Value, int]],
                 calibration: Sequence[Feeds]) -> dict[str, np.ndarray]:
     """Root mean square of every channel of each activation, over the calibration data."""
     axes = {value.name: axis for value, axis in inputs}
-    session = session_with_outputs(model, list(axes))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feeds in calibration:
-        outputs = runner.run(session, feeds)
+    for outputs in capture(model, list(axes), calibration):
         for name, axis in axes.items():
             x = outputs[name].astype(np.float64)
             reduce = tuple(a for a in range(x.ndim) if a != axis)
@@ -122,10 +119,8 @@ def gram_matrices(model: ir.Model, inputs: Sequence[tuple[ir.Value, int]],
                   calibration: Sequence[Feeds]) -> dict[str, np.ndarray]:
     """X^T X of each activation (channel axis last, other axes as rows), over calibration."""
     axes = {value.name: axis for value, axis in inputs}
-    session = session_with_outputs(model, list(axes))
     grams: dict[str, np.ndarray] = {}
-    for feeds in calibration:
-        outputs = runner.run(session, feeds)
+    for outputs in capture(model, list(axes), calibration):
         for name, axis in axes.items():
             x = np.moveaxis(outputs[name], axis, -1)
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import runner
+from onnxopt import activations
 from onnxopt.feeds import Feeds
 
 StepKind = Literal["conv", "gemm", "matmul", "batchnorm"]
@@ -132,10 +132,8 @@ class Reconstruction:
         names += [v.name for s in active if s.join for v in (s.join.add.outputs[0], s.join.other)]
         if not active:
             return
-        session = session_with_outputs(self.model, names)
         rows_per_batch = max(1, math.ceil(self.samples / len(self.calibration)))
-        for b, feeds in enumerate(self.calibration):
-            outputs = {**feeds, **runner.run(session, feeds)}
+        for b, outputs in enumerate(capture(self.model, names, self.calibration)):
             for i, step in enumerate(active):
                 y = outputs[_target_name(step)]
                 if step.kind == "batchnorm":
@@ -163,9 +161,7 @@ class Reconstruction:
             steps = [s for s in active if s.wave == wave]
             names = [s.node.inputs[0].name for s in steps]
             names += [s.join.other.name for s in steps if s.join]
-            session = session_with_outputs(self.model, names)
-            for b, feeds in enumerate(self.calibration):
-                outputs = {**feeds, **runner.run(session, feeds)}
+            for b, outputs in enumerate(capture(self.model, names, self.calibration)):
                 for step in steps:
                     x = outputs[step.node.inputs[0].name]
                     if step.kind == "batchnorm":
@@ -190,19 +186,11 @@ def _target_name(step: _Step) -> str:
     return value.name
 
 
-def session_with_outputs(model: ir.Model, names: Sequence[str]) -> Any:
-    """An ORT session over ``model`` with ``names`` added as outputs (the model is restored)."""
-    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
-    extra = [values[n] for n in dict.fromkeys(names)
-             if n in values and not values[n].is_graph_output()]  # else a graph input
-    graph = model.graph
-    graph.outputs.extend(extra)
-    try:
-        data = ir.serde.serialize_model(model).SerializeToString()
-    finally:
-        for _ in extra:
-            graph.outputs.pop()
-    return runner.create_session(data, opt_level="basic")
+def capture(model: ir.Model, names: Sequence[str], calibration: Sequence[Feeds]
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """Per calibration batch, the values of ``names`` (:func:`onnxopt.activations.capture` with
+    the settings channel pruning was measured with: basic graph optimizations, ORT's threads)."""
+    return activations.capture(model, names, calibration, opt_level="basic", threads=None)
 
 
 def _residual_join(node: ir.Node) -> _Join | None:

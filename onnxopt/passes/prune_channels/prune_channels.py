@@ -34,6 +34,7 @@ import onnx_ir.passes.common as common
 
 from onnxopt import runner
 from onnxopt.errors import InputError
+from onnxopt.evaluation import session_for
 from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.metrics import Budget, cosine_similarity
 from onnxopt.passes.prune_channels._groups import ChannelGraph, ChannelGroup, Key, Unit, analyze_channels
@@ -280,8 +281,7 @@ class _Head(Sequence[Feeds]):
 
 
 def _outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    session = runner.create_session(ir.serde.serialize_model(model).SerializeToString(),
-                                    opt_level="basic")
+    session = session_for(model, opt_level="basic")
     return [runner.run(session, f) for f in feeds]
 
 

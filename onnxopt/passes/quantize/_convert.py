@@ -29,8 +29,8 @@ from onnxruntime.quantization.calibrate import save_tensors_data
 
 from onnxopt import runner
 from onnxopt.errors import OnnxoptError
-from onnxopt.evaluation import as_file
-from onnxopt.model_io import better_as_file, check_proto
+from onnxopt.evaluation import ort_source
+from onnxopt.model_io import check_proto
 from onnxopt.passes.quantize._calibrate import CalibrationTable
 from onnxopt.passes.quantize._prepare import COMPUTE_OPS, has_external_data
 from onnxopt.passes.quantize._streamed import covers, quantize_matmuls
@@ -135,13 +135,9 @@ def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
 def load_check(proto: onnx.ModelProto, what: str) -> None:
     """The ONNX checker and an ONNX Runtime session must both accept the model."""
     try:
-        if better_as_file(proto):
-            with as_file(proto) as path:  # no serialized copy for the checker or ORT
-                check_proto(str(path))
-                runner.create_session(str(path), threads=1)
-        else:
-            check_proto(proto)
-            runner.create_session(proto.SerializeToString(), threads=1)
+        with ort_source(proto) as source:  # over 2 GB a file: no serialized copy for either
+            check_proto(source)
+            runner.create_session(source, threads=1)
     except Exception as exc:  # ORT raises its own exception types on load
         raise OnnxoptError(f"the {what} model does not load: {str(exc).splitlines()[0][:200]}"
                            ) from exc
