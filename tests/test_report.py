@@ -166,7 +166,7 @@ def test_optimization_report_renders_as_waterfall() -> None:
 
 
 def test_unknown_document_is_an_input_error() -> None:
-    with pytest.raises(InputError, match="not an onnxopt results document"):
+    with pytest.raises(InputError, match="not a document onnxopt writes; .onnxopt report. takes"):
         as_suite_document({"hello": 1})
     broken = sample_results()
     broken["models"][0]["candidates"][1]["status"] = "great"

@@ -147,7 +147,7 @@ def size_chart(model: Mapping[str, Any], chart_id: str) -> str | None:
 def waterfall_chart(reference: Mapping[str, Any], candidate: Mapping[str, Any], threads: str,
                     chart_id: str) -> str | None:
     """Each step's params, zipped size, MACs and latency as % of the FP32 model."""
-    steps = [{"name": "fp32", **reference}] + list(candidate.get("steps") or [])
+    steps = [{"name": "fp32", **reference}] + schema.waterfall_steps(candidate)
     if not any(s.get("modified") for s in steps[1:]):
         return None  # every bar would read 100%
     fig = _figure(5.6, 2.4)

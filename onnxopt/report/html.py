@@ -37,15 +37,16 @@ nav a { margin-right: 0.8em; } .scroll { overflow-x: auto; }
 def render_html(doc: Mapping[str, Any]) -> str:
     """The report page for a results document (see :mod:`onnxopt.report.schema`)."""
     threads = schema.thread_counts(doc)
-    body = ["<h1>onnxopt benchmark report</h1>", _provenance(doc), _nav(doc),
+    title = tables.title(doc)
+    body = [f"<h1>{_e(title)}</h1>", _provenance(doc), _nav(doc),
             _overview(doc, threads)]
     for i, model in enumerate(doc.get("models") or []):
         body.append(_model_section(model, threads, f"m{i}"))
     body.append(f'<p class="meta">results schema_version {_e(doc.get("schema_version"))}; '
-                "rendered by <code>onnxopt report</code> from the run's results.json.</p>")
+                "rendered by <code>onnxopt report</code>.</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            "<title>onnxopt benchmark report</title>\n"
+            f"<title>{_e(title)}</title>\n"
             f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
@@ -77,10 +78,7 @@ def _provenance(doc: Mapping[str, Any]) -> str:
         items.append(f"<li>run {_e(doc['created'])}"
                      + (f", {duration / 60:.1f} min" if duration else "") + "</li>")
     items += [f"<li>{_e(line)}</li>" for line in tables.machine_lines(doc)]
-    return (f'<ul class="meta">{"".join(items)}</ul><p class="meta">Speed-ups are p50(FP32) / '
-            "p50(candidate), measured interleaved in one process at batch 1 (95% interval: paired "
-            "bootstrap over rounds). Quality is top-1 on held-out digits, or cosine against FP32 "
-            "on held-out inputs.</p>")
+    return f'<ul class="meta">{"".join(items)}</ul><p class="meta">{_e(tables.method_note(doc))}</p>'
 
 
 def _nav(doc: Mapping[str, Any]) -> str:
@@ -104,7 +102,7 @@ def _overview(doc: Mapping[str, Any], threads: list[str]) -> str:
               table(tables.quality_overview_table(doc))]
     fails = tables.failures(doc)
     if fails:
-        parts += ["<h3>Not measured</h3>",
+        parts += ["<h3>Failures and budget misses</h3>",
                   '<ul class="errors">' + "".join(f"<li>{_e(f)}</li>" for f in fails) + "</ul>"]
     return "\n".join(parts)
 
