@@ -92,10 +92,11 @@ def _overview(doc: Mapping[str, Any], threads: list[str]) -> str:
     for t in threads:
         parts += [f"<h3>Speed-up over FP32 at {t} thread(s)</h3>",
                   table(tables.overview_table(doc, [t]))]
-    parts.append(f'<p class="meta">* best recipe: the fastest onnxopt recipe at least '
-                 f"{tables.MIN_SPEEDUP}x faster than FP32 with top-1 drop &le; "
-                 f"{tables.MAX_TOP1_DROP} pt (digits models) or cosine &ge; "
-                 f"{tables.MIN_COSINE}.</p>")
+    if threads:
+        parts.append(f'<p class="meta">* best recipe: the fastest onnxopt recipe at least '
+                     f"{tables.MIN_SPEEDUP}x faster than FP32 with top-1 drop &le; "
+                     f"{tables.MAX_TOP1_DROP} pt (digits models) or cosine &ge; "
+                     f"{tables.MIN_COSINE}.</p>")
     parts += ["<h3>Zipped size, times smaller than FP32</h3>",
               table(tables.size_overview_table(doc)),
               "<h3>Quality (top-1 change in points, or cosine vs FP32)</h3>",

@@ -61,9 +61,10 @@ def _overview(doc: Mapping[str, Any], threads: list[str]) -> list[str]:
     for t in threads:
         parts += [f"### Speed-up over FP32 at {t} thread(s)", "",
                   table(tables.overview_table(doc, [t])), ""]
-    parts += [f"\\* best recipe: the fastest onnxopt recipe at least {tables.MIN_SPEEDUP}x faster "
-              f"than FP32 with top-1 drop <= {tables.MAX_TOP1_DROP} pt (digits models) or "
-              f"cosine >= {tables.MIN_COSINE}.", ""]
+    if threads:
+        parts += [f"\\* best recipe: the fastest onnxopt recipe at least {tables.MIN_SPEEDUP}x "
+                  f"faster than FP32 with top-1 drop <= {tables.MAX_TOP1_DROP} pt (digits models) "
+                  f"or cosine >= {tables.MIN_COSINE}.", ""]
     parts += ["### Zipped size, times smaller than FP32", "",
               table(tables.size_overview_table(doc)), ""]
     parts += ["### Quality (top-1 change in points, or cosine vs FP32)", "",
