@@ -20,9 +20,10 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 h3 { margin-top: 1.4em; font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 12.5px; }
-th, td { border: 1px solid #ddd; padding: 3px 7px; white-space: nowrap; }
-th { background: #f3f4f7; text-align: left; } td.num { text-align: right;
-font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; white-space: nowrap; }
+th { background: #f3f4f7; text-align: left; white-space: normal; vertical-align: bottom; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td .aside { display: block; color: #666; font-size: 11px; }
 tr.status-failed td, tr.status-timeout td { background: #fdecec; }
 tr.status-not-applicable td { color: #888; } tr.status-budget-missed td { background: #fff6e0; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
@@ -63,12 +64,20 @@ def table(t: tables.Table, caption: str | None = None) -> str:
     rows = []
     for i, row in enumerate(t.rows):
         status = t.row_status[i] if i < len(t.row_status) else "ok"
-        cells = "".join(f'<td class="num">{_e(c)}</td>' if num else f"<td>{_e(c)}</td>"
+        cells = "".join(f'<td class="num">{_cell(c)}</td>' if num else f"<td>{_e(c)}</td>"
                         for c, num in zip(row, t.numeric))
         rows.append(f'<tr class="status-{_e(status)}">{cells}</tr>')
     cap = f"<caption>{_e(caption)}</caption>" if caption else ""
     return (f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _cell(text: str) -> str:
+    """A figure with its aside, '1.71x (1.66-1.76)', on two lines: the tables fit the page."""
+    value, sep, aside = text.partition(" (")
+    if not sep:
+        return _e(text)
+    return f'{_e(value)}<span class="aside">({_e(aside)}</span>'
 
 
 def _provenance(doc: Mapping[str, Any]) -> str:

@@ -186,7 +186,8 @@ def summary_table(model: Mapping[str, Any], threads: list[str]) -> Table:
             times_smaller(ref_zip, zipped),
             count(schema.stat(c, "total_macs")),
             *_latency_cells(c, threads),
-            "" if schema._number(c.get("peak_rss_mb")) is None else f"{c['peak_rss_mb']:.0f}",
+            "" if schema._number(c.get("peak_rss_mb")) is None or c.get("status") not in
+            schema.MEASURED else f"{c['peak_rss_mb']:.0f}",
             _marked(quality_text(c, ref, metric), model, c),
             *([quality_text(c, ref, "cosine")] if metric == "top1" else []),
             seconds(schema._number(c.get("optimize_s"))),
