@@ -165,8 +165,8 @@ def _place_labels(ax: Any, points: list[tuple[float, float]], names: list[str],
                 label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
                 ha="left" if dx > 0 else "right" if dx < 0 else "center",
                 va="bottom" if dy > 0 else "top" if dy < 0 else "center", zorder=4,
-                arrowprops=({"arrowstyle": "-", "color": "#999999", "linewidth": 0.5}
-                            if max(abs(dx), abs(dy)) > 10 else None))
+                arrowprops=({"arrowstyle": "-", "color": "#777777", "linewidth": 0.6}
+                            if max(abs(dx), abs(dy)) >= 10 else None))
             box = _text_box(ann, renderer)
             padded = Bbox.from_extents(box.x0 - gap, box.y0 - gap, box.x1 + gap, box.y1 + gap)
             inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
