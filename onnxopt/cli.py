@@ -391,7 +391,8 @@ def report(
 
     doc = load_results(results)
     if output is None:
-        out.print(render_markdown(doc), markup=False, highlight=False, soft_wrap=True, end="")
+        out.print(render_markdown(doc), markup=False, highlight=False, emoji=False, soft_wrap=True,
+                  end="")
         return
     console.print(f"wrote {write_report(doc, output)}", markup=False, highlight=False,
                   soft_wrap=True)

@@ -252,6 +252,11 @@ def test_redirected_tables_are_not_wrapped_at_80_columns(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| int8 | ok |")]
     assert rows and len(rows[0]) > 120 and rows[0].endswith("|")
+    # Every command's stdout console (rich tables too) is wide when redirected.
+    width = subprocess.run([sys.executable, "-c", "from onnxopt.cli import out; print(out.width)"],
+                           capture_output=True, text=True, timeout=120, check=True,
+                           env={**os.environ, "COLUMNS": "80"})
+    assert int(width.stdout) >= 1000
 
 
 @pytest.mark.slow
