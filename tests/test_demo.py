@@ -97,5 +97,5 @@ def test_demo_page_renders_its_report(demo) -> None:
     assert "<h1>onnxopt demo report</h1>" in page and "top-1 on held-out digits" in page
     for name in recipes_to_run():  # the overview shows the speed-ups report.json recorded
         speedup = report["models"]["torch_mlp"]["variants"][name]["latency"]["1"]["speedup"]
-        assert f"<td>torch_mlp</td>" in page and f">{speedup:.2f}x" in page
+        assert "<td>torch_mlp</td>" in page and f">{speedup:.2f}x" in page
     assert "None" not in page
