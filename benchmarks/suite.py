@@ -358,6 +358,8 @@ def measure_candidates(saved: models.Saved, produced: list[tuple[str, str, produ
                 finals[name] = last  # the recipe's output is the unchanged model before it
                 continue
         finals[name] = measured(p.path, name)
+        if steps.get(name):  # the last checkpoint is the output before its provenance stamp:
+            steps[name][-1] = finals[name]  # one model, measured once (one speed-up per file)
     log.info("  measuring %d distinct files", len(files))
     ref_outputs = measure.reference_outputs(fp32_path, saved.evaluation)
     for m in files.values():

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+if not out.is_terminal:  # redirected to a file or a pipe: tables are not hard-wrapped at 80
+    out.width = 10_000
 
 
 @app.callback()
@@ -379,13 +381,21 @@ def split(
 @app.command()
 def report(
     results: Path = typer.Argument(
-        ..., help="benchmarks/suite.py's results.json (or a report.json, or bench --json)."),
-    output: Path = typer.Option(..., "-o", "--output", help="report.html or report.md."),
+        ..., help="A JSON document onnxopt wrote: the suite's results.json, optimize --report's "
+        "report.json, bench --json output, or the demo's report.json."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="report.html or report.md (default: Markdown on stdout)."),
 ) -> None:
-    """Render benchmark results as a self-contained HTML page or as Markdown."""
-    from onnxopt.report import load_results, write_report
+    """Render onnxopt's results as a self-contained HTML page or as Markdown."""
+    from onnxopt.report import load_results, render_markdown, write_report
 
-    console.print(f"wrote {write_report(load_results(results), output)}")
+    doc = load_results(results)
+    if output is None:
+        out.print(render_markdown(doc), markup=False, highlight=False, emoji=False, soft_wrap=True,
+                  end="")
+        return
+    console.print(f"wrote {write_report(doc, output)}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command("list-passes")
@@ -420,7 +430,8 @@ def demo(out_dir: Path = typer.Option(Path("demo-report"), "--out", help="Folder
             bar.update(task, description=description)
 
         run_demo(out_dir, progress=on_step)
-    console.print(f"report written to {out_dir / 'report.md'}")
+    written = [out_dir / n for n in ("report.html", "report.md") if (out_dir / n).exists()]
+    console.print("report written to " + " and ".join(str(p) for p in written))
 
 
 def main(argv: list[str] | None = None) -> int:

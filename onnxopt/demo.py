@@ -5,7 +5,8 @@ The two models of the original design, a PyTorch MLP 784-128-64-10 and a Keras M
 and run through the ``default`` recipe, whatever passes it holds today, and through ``int8`` when
 a pass module has registered it. Accuracy is measured on the held-out test split, latency with
 :func:`onnxopt.benchmark.benchmark` (interleaved, batch 1, 1 and 2 threads). ``out_dir`` receives
-``report.md``, ``report.json`` and every ONNX file, each written atomically.
+``report.md``, ``report.json``, ``report.html`` (the page ``onnxopt report`` renders, when
+matplotlib is installed) and every ONNX file, each written atomically.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from onnxopt import runner
 from onnxopt.api import optimize
 from onnxopt.benchmark import BenchmarkResult, benchmark
 from onnxopt.digits import DigitsData, load_digits_28, train_keras_mlp, train_torch_mlp
+from onnxopt.errors import InputError
 from onnxopt.evaluation import fidelity, predict, top1_accuracy
 from onnxopt.export import ExportCheck, export
 from onnxopt.feeds import Feeds, input_specs
 from onnxopt.model_io import save_model, write_bytes_atomic
 from onnxopt.pipeline import OptimizationReport, jsonable
+from onnxopt.report import write_report
 from onnxopt.recipes import builtin_recipes
 from onnxopt.stats import model_stats
 
@@ -76,7 +79,7 @@ CLASSIFIERS = (
 
 def run_demo(out_dir: Path, *, progress: Progress | None = None, quick: bool = False
              ) -> dict[str, Any]:
-    """Run the whole demo and write ``report.md``, ``report.json`` and the models into ``out_dir``.
+    """Run the whole demo; write ``report.md``, ``report.json``, ``report.html`` and the models.
 
     ``quick`` trains for fewer epochs and benchmarks for less time; the code path is the same.
     Returns the report (what ``report.json`` holds).
@@ -106,6 +109,10 @@ def run_demo(out_dir: Path, *, progress: Progress | None = None, quick: bool = F
     report = jsonable(report)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), out_dir / "report.json")
     write_bytes_atomic(render_markdown(report).encode(), out_dir / "report.md")
+    try:
+        write_report(report, out_dir / "report.html")
+    except InputError as exc:  # matplotlib missing: the Markdown and JSON still stand
+        say(f"no report.html: {exc}")
     say(f"done in {report['seconds']:.0f} s")
     return report
 

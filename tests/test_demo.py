@@ -36,7 +36,7 @@ def test_demo_writes_reports_and_models(demo) -> None:
     assert report == returned
     assert report["schema_version"] == SCHEMA_VERSION
     assert list(report["recipes"]) == recipes_to_run() and "default" in report["recipes"]
-    expected = {"report.md", "report.json"} | {
+    expected = {"report.md", "report.json", "report.html"} | {
         f"{m}.{v}.onnx" for m in MODELS for v in ["fp32", *recipes_to_run()]}
     assert {p.name for p in out.iterdir()} == expected  # no temporary files left behind
     assert messages and any("benchmark" in m for m in messages)
@@ -82,3 +82,20 @@ def test_demo_markdown_summarizes_every_variant(demo) -> None:
         for name, variant in model["variants"].items():
             assert f"| {model['title']} | {name} | {variant['top1']:.2f} |" in text
     assert text.count("### Recipe `") == len(MODELS) * len(recipes_to_run())
+
+
+@pytest.mark.slow
+def test_demo_page_renders_its_report(demo) -> None:
+    """report.html is the page `onnxopt report demo-report/report.json` renders, with the same
+    figures as report.json."""
+    pytest.importorskip("matplotlib")
+    from onnxopt.report import load_results, render_html
+
+    out, report, _ = demo
+    page = (out / "report.html").read_text()
+    assert page == render_html(load_results(out / "report.json"))
+    assert "<h1>onnxopt demo report</h1>" in page and "top-1 on held-out digits" in page
+    for name in recipes_to_run():  # the overview shows the speed-ups report.json recorded
+        speedup = report["models"]["torch_mlp"]["variants"][name]["latency"]["1"]["speedup"]
+        assert "<td>torch_mlp</td>" in page and f">{speedup:.2f}x" in page
+    assert "None" not in page

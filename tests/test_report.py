@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,38 @@ def sample_results() -> dict[str, Any]:
     }
 
 
+def crowded_results() -> dict[str, Any]:
+    """One digits model with many candidates close together on the scatter (labels would
+    overprint), a deep-compression recipe 1.33 points below FP32 against a 0.5 budget, and a
+    waterfall whose last checkpoint was measured apart from the output (1.24x against 0.85x)."""
+    doc = sample_results()
+    stats = _stats(109386, 438000, 405000, 109184, 7)
+    cands = [_candidate("fp32", "reference", stats, _latency(1, 1), {"top1": 96.89, "cosine": 1.0})]
+    names = ["ort-dynamic", "ort-static", "cleanup", "default", "fuse", "transformer", "fp16",
+             "int8", "int8-static", "prune-channels", "share-weights", "prune"]
+    for i, name in enumerate(names):
+        kind = "baseline" if name.startswith("ort-") else "recipe"
+        s = 1.02 + 0.012 * i
+        cands.append(_candidate(name, kind, stats, _latency(s, s + 0.01),
+                                {"top1": 96.89 - 0.02 * (i % 4), "cosine": 0.9999}))
+    steps = [
+        {"name": "cleanup", "modified": False, "seconds": 0.01, "stats": stats, "latency": {},
+         "quality": {}, "notes": {}, "options": {}, "budget": "allclose(rtol=0.0001, atol=1e-05)"},
+        {"name": "fuse", "modified": True, "seconds": 0.1, "stats": stats,
+         "latency": _latency(1.01, 1.03), "quality": {"top1": 96.89}, "notes": {}, "options": {},
+         "budget": "allclose(rtol=0.0001, atol=1e-05)"},
+        {"name": "deep-compress", "modified": True, "seconds": 9.0,
+         "stats": _stats(30000, 120000, 40000, 109184, 7), "latency": _latency(1.24, 1.25),
+         "quality": {"top1": 95.9}, "notes": {}, "options": {"max_drop": 0.5},
+         "budget": "unchecked"},
+    ]
+    cands.append(_candidate("deep-compression", "recipe", _stats(30000, 120000, 40000, 109184, 7),
+                            _latency(0.85, 0.86), {"top1": 96.89 - 1.33, "cosine": 0.998},
+                            steps=steps, optimize_s=9.1))
+    doc["models"] = [{**doc["models"][0], "name": "crowded-mlp", "candidates": cands}]
+    return doc
+
+
 @pytest.fixture
 def results_path(tmp_path: Path) -> Path:
     path = tmp_path / "results.json"
@@ -166,12 +200,90 @@ def test_optimization_report_renders_as_waterfall() -> None:
 
 
 def test_unknown_document_is_an_input_error() -> None:
-    with pytest.raises(InputError, match="not an onnxopt results document"):
+    with pytest.raises(InputError, match="not a document onnxopt writes; .onnxopt report. takes"):
         as_suite_document({"hello": 1})
     broken = sample_results()
     broken["models"][0]["candidates"][1]["status"] = "great"
     with pytest.raises(InputError, match="status 'great'"):
         as_suite_document(broken)
+
+
+def test_budget_miss_is_flagged_and_one_number_per_file() -> None:
+    text = render_markdown(crowded_results())
+    row = next(line for line in text.splitlines() if line.startswith("| deep-compression |"))
+    assert "| budget-missed |" in row and "95.56 (-1.33)†" in row
+    assert ("crowded-mlp / deep-compression: budget-missed on held-out data: top-1 -1.33 pt "
+            "against FP32, budget 0.5 pt") in text
+    # The last pass's model is the output: the waterfall shows the output's 0.85x, not the 1.24x
+    # of a separate measurement of its checkpoint.
+    waterfall = text.split("### Waterfall of `deep-compression`")[1]
+    assert "| deep-compress | 30k | 39.1 | 109k | 7 | 0.85x | 0.86x | 95.56 (-1.33) | 9.00 |" \
+        in waterfall
+    assert "1.24x" not in text and "0.85x†" in text  # overview: the same figure, flagged
+    assert "best recipe" in text and "deep-compression 0.85x" not in text
+
+
+def test_report_of_an_optimize_report_shows_only_known_facts(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    _, rep = Pipeline.from_recipe("cleanup").run(to_ir(make_mlp()))
+    (tmp_path / "report.json").write_text(rep.to_json())
+    assert main(["report", str(tmp_path / "report.json")]) == 0
+    text = capsys.readouterr().out
+    assert "# onnxopt optimization report" in text and "### Waterfall of `cleanup`" in text
+    assert "None" not in text and "memory 0 MB" not in text and "CPU:" not in text
+    assert "digits" not in text and "versions: onnxopt " in text
+
+
+def test_cli_report_refuses_other_json_in_one_line(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    assert main(["report", str(tmp_path / "other.json")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "other.json" in line and "optimize --report" in line and "bench --json" in line
+    assert "demo's report.json" in line
+
+
+def test_redirected_tables_are_not_wrapped_at_80_columns(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(sample_results()))
+    done = subprocess.run([sys.executable, "-m", "onnxopt", "report",
+                           str(tmp_path / "results.json")], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| int8 | ok |")]
+    assert rows and len(rows[0]) > 120 and rows[0].endswith("|")
+    # Every command's stdout console (rich tables too) is wide when redirected.
+    width = subprocess.run([sys.executable, "-c", "from onnxopt.cli import out; print(out.width)"],
+                           capture_output=True, text=True, timeout=120, check=True,
+                           env={**os.environ, "COLUMNS": "80"})
+    assert int(width.stdout) >= 1000
+
+
+@pytest.mark.slow
+def test_scatter_labels_do_not_overlap() -> None:
+    pytest.importorskip("matplotlib")
+    from onnxopt.report import charts
+
+    model = crowded_results()["models"][0]
+    fig = charts.tradeoff_figure(model, "1")
+    boxes = charts.label_boxes(fig)
+    ax = fig.axes[0]
+    frame = ax.get_window_extent(fig.canvas.get_renderer())
+    assert len(boxes) >= 6  # most points are labelled on the plot
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    # every candidate is named: on the plot, or in the legend when there was no free place
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    on_plot = " ".join(t.get_text() for t in ax.texts)
+    for c in model["candidates"]:
+        assert c["name"] in on_plot or c["name"] + ":" in legend, c["name"]
+    # the check sees an overlap when there is one
+    ax.annotate(ax.texts[0].get_text(), ax.texts[0].xy, xytext=ax.texts[0].xyann,
+                textcoords="offset points", fontsize=7)
+    again = charts.label_boxes(fig)
+    assert any(a.overlaps(b) for i, a in enumerate(again) for b in again[i + 1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +333,26 @@ def _chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedPro
         capture_output=True, text=True, timeout=120, check=False)
 
 
+# Injected into a copy of the page (the report itself has no script): widths after layout.
+WIDTH_CHECK = """<script>window.addEventListener('load', () => {
+  const hidden = [...document.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1
+    && getComputedStyle(e).overflowX !== 'visible').map(e => e.tagName + '.' + e.className);
+  document.body.setAttribute('data-widths', JSON.stringify({page: document.documentElement
+    .scrollWidth, window: window.innerWidth, hidden}));
+});</script>"""
+
+
+def _widths_at_1400(page: Path, profile: Path) -> tuple[dict[str, Any], str]:
+    """Page and window width, and elements hiding content behind a scrollbar, at 1400 px."""
+    probe = page.with_suffix(".probe.html")
+    probe.write_text(page.read_text().replace("</body>", WIDTH_CHECK + "</body>"))
+    done = _chromium(probe, profile, "--window-size=1400,900", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r'data-widths="([^"]*)"', done.stdout)
+    assert found, done.stdout[-2000:]
+    return json.loads(found.group(1).replace("&quot;", '"')), done.stdout
+
+
 def _console_messages(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line]
 
@@ -241,6 +373,23 @@ def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     # overview (4), torch-mlp summary, waterfall and sensitivity, resnet50 summary
     assert dom.count("<table") == 4 + 3 + 1
     assert _console_messages(done.stderr) == []
+    # At 1400 px: no horizontal scrollbar, no table hiding columns behind one.
+    for doc, name in ((sample_results(), "sample"), (crowded_results(), "crowded")):
+        widths, dom = _widths_at_1400(write_report(doc, tmp_path / f"{name}.html"),
+                                      tmp_path / "profile")
+        assert widths["window"] == 1400 and widths["page"] <= widths["window"], widths
+        assert widths["hidden"] == [], widths
+    # The crowded page: the budget miss is flagged, and the output of deep-compression shows one
+    # speed-up at 1 thread everywhere (overview, summary, waterfall), never its checkpoint's.
+    assert '<tr class="status-budget-missed"><td>deep-compression</td><td>budget-missed</td>' in dom
+    assert '95.56<span class="aside">(-1.33)†</span>' in dom and "budget-missed on held-out" in dom
+    assert dom.count(">0.85x") == 3 and "1.24x" not in dom
+    # The width check sees a table hidden behind a scrollbar when there is one.
+    wide = tmp_path / "wide.html"
+    wide.write_text('<!DOCTYPE html><body><div style="overflow-x:auto"><table><tr><td style='
+                    '"white-space:nowrap">' + "x " * 2000 + "</td></tr></table></div></body>")
+    widths, _ = _widths_at_1400(wide, tmp_path / "profile")
+    assert widths["hidden"] == ["DIV."]
     # The check sees console errors when a page has them.
     bad = tmp_path / "bad.html"
     bad.write_text("<!DOCTYPE html><p>x</p><script>console.error('broken'); nope();</script>")

@@ -30,7 +30,10 @@ def _figure(width: float, height: float) -> Any:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise InputError("the HTML report needs matplotlib: pip install 'onnxopt[report]'") from exc
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer to measure text with before the SVG is written
     return fig
 
 
@@ -66,6 +69,18 @@ def _short(name: str, limit: int = 28) -> str:
 
 def tradeoff_chart(model: Mapping[str, Any], threads: str, chart_id: str) -> str | None:
     """Latency (relative to FP32) against quality, every measured candidate, Pareto front drawn."""
+    fig = tradeoff_figure(model, threads)
+    if fig is None:
+        return None
+    return _svg(fig, chart_id, f"{model['name']} latency versus quality with the Pareto front")
+
+
+def tradeoff_figure(model: Mapping[str, Any], threads: str) -> Any:
+    """The trade-off scatter as a laid-out figure (None with fewer than two points).
+
+    Labels are placed where they overlap no other label and no marker (:func:`_place_labels`);
+    a label with no free place is named in the legend with its coordinates instead.
+    """
     metric = model.get("metric", "cosine")
     points, names, kinds = [], [], []
     for c in model.get("candidates") or []:
@@ -76,45 +91,124 @@ def tradeoff_chart(model: Mapping[str, Any], threads: str, chart_id: str) -> str
             kinds.append(c.get("kind", "recipe"))
     if len(points) < 2:
         return None
+    unplaced: list[str] = []
+    for _ in range(2):  # a second layout when some labels went into the legend
+        fig, ax = _tradeoff_axes(model, threads, points, kinds, unplaced)
+        left = _place_labels(ax, points, names, skip=unplaced)
+        if not left:
+            break
+        unplaced += [f"{name}: {x:.2f}, {y:.4g}" for (x, y), name in left]
+    return fig
+
+
+def _tradeoff_axes(model: Mapping[str, Any], threads: str, points: list[tuple[float, float]],
+                   kinds: list[str], extra_legend: list[str]) -> tuple[Any, Any]:
+    """The scatter without labels, laid out (legend outside the axes), then frozen."""
+    metric = model.get("metric", "cosine")
     front = schema.pareto_front(points)
-    fig = _figure(6.4, 3.6)
+    fig = _figure(6.4, 3.8)
     ax = fig.add_subplot()
     for kind in ("reference", "baseline", "recipe"):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         if idx:
-            ax.scatter([points[i][0] for i in idx], [points[i][1] for i in idx], s=36,
+            ax.scatter([points[i][0] for i in idx], [points[i][1] for i in idx], s=MARKER_AREA,
                        color=COLORS[kind], label=kind, zorder=3)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color=COLORS["front"],
             linewidth=1.2, linestyle="--", label="Pareto front", zorder=2)
-    for k, ((x, y), label) in enumerate(_label_clusters(points, names)):
-        ax.annotate(label, (x, y), textcoords="offset points", fontsize=7,
-                    xytext=(4, 4 if k % 2 == 0 else -10))
+    for text in extra_legend:  # named here: no free place for the label on the plot
+        ax.plot([], [], " ", label=_short(text, 48))
     ax.set_xlabel(f"latency / FP32 latency ({threads} thread{'s' if threads != '1' else ''}, p50)"
                   " (lower is better)")
     ax.set_ylabel("top-1 accuracy (%)" if metric == "top1" else "cosine vs FP32")
     ax.axvline(1.0, color="#999999", linewidth=0.8, zorder=1)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.margins(0.12, 0.15)  # room for labels next to the outermost points
+    fig.legend(fontsize=7, loc="outside lower center", ncols=4 if not extra_legend else 2,
+               frameon=False)
     ax.set_title(f"{model['name']}: latency vs {'accuracy' if metric == 'top1' else 'fidelity'}",
                  fontsize=9)
-    return _svg(fig, chart_id, f"{model['name']} latency versus quality with the Pareto front")
+    fig.canvas.draw()  # the constrained layout runs once, here; labels must not move it
+    fig.set_layout_engine("none")
+    return fig, ax
 
 
-def _label_clusters(points: list[tuple[float, float]], names: list[str]
-                    ) -> list[tuple[tuple[float, float], str]]:
-    """One label per group of points that would overprint each other (within 2% of the axes),
-    naming every candidate in it; labels sorted by x so neighbours alternate above and below."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    clusters: list[tuple[tuple[float, float], list[str]]] = []
-    for (x, y), name in sorted(zip(points, names)):
-        for (cx, cy), members in clusters:
-            if abs(cx - x) / span_x < 0.02 and abs(cy - y) / span_y < 0.02:
+MARKER_AREA = 36  # points^2 of a scatter marker (a 6 pt disc)
+LABEL_GAP = 1.5  # points kept free around every label
+OFFSETS = [(dx * r, dy * r) for r in (5, 10, 16, 24, 34)
+           for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float]], names: list[str],
+                  skip: Sequence[str] = ()) -> list[tuple[tuple[float, float], str]]:
+    """Label each group of coinciding points at the first offset whose text box is inside the
+    axes and clear of every marker and label placed so far; returns the groups not placed.
+
+    Written simply on purpose: a fixed list of offsets, nearest first, checked against boxes in
+    display space after the layout is final, so the page shows exactly the boxes tested here.
+    """
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    scale = ax.figure.dpi / 72.0
+    gap = LABEL_GAP * scale
+    frame = ax.get_window_extent(renderer)
+    radius = (MARKER_AREA ** 0.5) / 2 * scale
+    shown = [ax.transData.transform(p) for p in points]
+    taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius) for x, y in shown]
+    left = []
+    skipped = {text.split(": ")[0] for text in skip}
+    for (x, y), label in _label_clusters(points, names, shown, 2 * radius):
+        if label in skipped:
+            continue
+        for dx, dy in OFFSETS:
+            ann = ax.annotate(
+                label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                va="bottom" if dy > 0 else "top" if dy < 0 else "center", zorder=4,
+                arrowprops=({"arrowstyle": "-", "color": "#777777", "linewidth": 0.6}
+                            if max(abs(dx), abs(dy)) >= 10 else None))
+            box = _text_box(ann, renderer)
+            padded = Bbox.from_extents(box.x0 - gap, box.y0 - gap, box.x1 + gap, box.y1 + gap)
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
+                      and box.y1 <= frame.y1)
+            if inside and not any(padded.overlaps(t) for t in taken):
+                taken.append(padded)
+                break
+            ann.remove()
+        else:
+            left.append(((x, y), label))
+    return left
+
+
+def _text_box(ann: Any, renderer: Any) -> Any:
+    """The box of an annotation's text alone (without its leader line)."""
+    from matplotlib.text import Text
+
+    ann.update_positions(renderer)  # an annotation places its text only when drawn
+    return Text.get_window_extent(ann, renderer)
+
+
+def label_boxes(fig: Any) -> list[Any]:
+    """The text boxes of a trade-off figure's point labels, after drawing it again: what tests
+    check for overlaps."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [_text_box(t, renderer) for ax in fig.axes for t in ax.texts]
+
+
+def _label_clusters(points: list[tuple[float, float]], names: list[str],
+                    shown: list[Any], distance: float) -> list[tuple[tuple[float, float], str]]:
+    """One label per group of points whose markers overprint each other (closer than
+    ``distance`` on the page), naming every candidate in it."""
+    clusters: list[tuple[tuple[float, float], Any, list[str]]] = []
+    for point, xy, name in sorted(zip(points, shown, names), key=lambda t: t[0]):
+        for _, cxy, members in clusters:
+            if abs(cxy[0] - xy[0]) < distance and abs(cxy[1] - xy[1]) < distance:
                 members.append(name)
                 break
         else:
-            clusters.append(((x, y), [name]))
-    return [(xy, _short(", ".join(members), 40)) for xy, members in clusters]
+            clusters.append((point, xy, [name]))
+    return [(point, _short(", ".join(members), 40)) for point, _, members in clusters]
 
 
 def size_chart(model: Mapping[str, Any], chart_id: str) -> str | None:
@@ -147,7 +241,7 @@ def size_chart(model: Mapping[str, Any], chart_id: str) -> str | None:
 def waterfall_chart(reference: Mapping[str, Any], candidate: Mapping[str, Any], threads: str,
                     chart_id: str) -> str | None:
     """Each step's params, zipped size, MACs and latency as % of the FP32 model."""
-    steps = [{"name": "fp32", **reference}] + list(candidate.get("steps") or [])
+    steps = [{"name": "fp32", **reference}] + schema.waterfall_steps(candidate)
     if not any(s.get("modified") for s in steps[1:]):
         return None  # every bar would read 100%
     fig = _figure(5.6, 2.4)

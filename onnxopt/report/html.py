@@ -20,9 +20,10 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 h3 { margin-top: 1.4em; font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 12.5px; }
-th, td { border: 1px solid #ddd; padding: 3px 7px; white-space: nowrap; }
-th { background: #f3f4f7; text-align: left; } td.num { text-align: right;
-font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; white-space: nowrap; }
+th { background: #f3f4f7; text-align: left; white-space: normal; vertical-align: bottom; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td .aside { display: block; color: #666; font-size: 11px; }
 tr.status-failed td, tr.status-timeout td { background: #fdecec; }
 tr.status-not-applicable td { color: #888; } tr.status-budget-missed td { background: #fff6e0; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
@@ -37,15 +38,16 @@ nav a { margin-right: 0.8em; } .scroll { overflow-x: auto; }
 def render_html(doc: Mapping[str, Any]) -> str:
     """The report page for a results document (see :mod:`onnxopt.report.schema`)."""
     threads = schema.thread_counts(doc)
-    body = ["<h1>onnxopt benchmark report</h1>", _provenance(doc), _nav(doc),
+    title = tables.title(doc)
+    body = [f"<h1>{_e(title)}</h1>", _provenance(doc), _nav(doc),
             _overview(doc, threads)]
     for i, model in enumerate(doc.get("models") or []):
         body.append(_model_section(model, threads, f"m{i}"))
     body.append(f'<p class="meta">results schema_version {_e(doc.get("schema_version"))}; '
-                "rendered by <code>onnxopt report</code> from the run's results.json.</p>")
+                "rendered by <code>onnxopt report</code>.</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            "<title>onnxopt benchmark report</title>\n"
+            f"<title>{_e(title)}</title>\n"
             f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
@@ -62,12 +64,20 @@ def table(t: tables.Table, caption: str | None = None) -> str:
     rows = []
     for i, row in enumerate(t.rows):
         status = t.row_status[i] if i < len(t.row_status) else "ok"
-        cells = "".join(f'<td class="num">{_e(c)}</td>' if num else f"<td>{_e(c)}</td>"
+        cells = "".join(f'<td class="num">{_cell(c)}</td>' if num else f"<td>{_e(c)}</td>"
                         for c, num in zip(row, t.numeric))
         rows.append(f'<tr class="status-{_e(status)}">{cells}</tr>')
     cap = f"<caption>{_e(caption)}</caption>" if caption else ""
     return (f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _cell(text: str) -> str:
+    """A figure with its aside, '1.71x (1.66-1.76)', on two lines: the tables fit the page."""
+    value, sep, aside = text.partition(" (")
+    if not sep:
+        return _e(text)
+    return f'{_e(value)}<span class="aside">({_e(aside)}</span>'
 
 
 def _provenance(doc: Mapping[str, Any]) -> str:
@@ -77,10 +87,7 @@ def _provenance(doc: Mapping[str, Any]) -> str:
         items.append(f"<li>run {_e(doc['created'])}"
                      + (f", {duration / 60:.1f} min" if duration else "") + "</li>")
     items += [f"<li>{_e(line)}</li>" for line in tables.machine_lines(doc)]
-    return (f'<ul class="meta">{"".join(items)}</ul><p class="meta">Speed-ups are p50(FP32) / '
-            "p50(candidate), measured interleaved in one process at batch 1 (95% interval: paired "
-            "bootstrap over rounds). Quality is top-1 on held-out digits, or cosine against FP32 "
-            "on held-out inputs.</p>")
+    return f'<ul class="meta">{"".join(items)}</ul><p class="meta">{_e(tables.method_note(doc))}</p>'
 
 
 def _nav(doc: Mapping[str, Any]) -> str:
@@ -94,17 +101,18 @@ def _overview(doc: Mapping[str, Any], threads: list[str]) -> str:
     for t in threads:
         parts += [f"<h3>Speed-up over FP32 at {t} thread(s)</h3>",
                   table(tables.overview_table(doc, [t]))]
-    parts.append(f'<p class="meta">* best recipe: the fastest onnxopt recipe at least '
-                 f"{tables.MIN_SPEEDUP}x faster than FP32 with top-1 drop &le; "
-                 f"{tables.MAX_TOP1_DROP} pt (digits models) or cosine &ge; "
-                 f"{tables.MIN_COSINE}.</p>")
+    if threads:
+        parts.append(f'<p class="meta">* best recipe: the fastest onnxopt recipe at least '
+                     f"{tables.MIN_SPEEDUP}x faster than FP32 with top-1 drop &le; "
+                     f"{tables.MAX_TOP1_DROP} pt (digits models) or cosine &ge; "
+                     f"{tables.MIN_COSINE}.</p>")
     parts += ["<h3>Zipped size, times smaller than FP32</h3>",
               table(tables.size_overview_table(doc)),
               "<h3>Quality (top-1 change in points, or cosine vs FP32)</h3>",
               table(tables.quality_overview_table(doc))]
     fails = tables.failures(doc)
     if fails:
-        parts += ["<h3>Not measured</h3>",
+        parts += ["<h3>Failures and budget misses</h3>",
                   '<ul class="errors">' + "".join(f"<li>{_e(f)}</li>" for f in fails) + "</ul>"]
     return "\n".join(parts)
 

@@ -23,7 +23,7 @@ def table(t: tables.Table) -> str:
 def render_markdown(doc: Mapping[str, Any]) -> str:
     """The whole report: overview, then per model its summary table and waterfall tables."""
     threads = schema.thread_counts(doc)
-    parts = ["# onnxopt benchmark report", ""]
+    parts = [f"# {tables.title(doc)}", ""]
     parts += _provenance(doc)
     parts += _overview(doc, threads)
     for model in doc.get("models") or []:
@@ -52,10 +52,7 @@ def _provenance(doc: Mapping[str, Any]) -> list[str]:
                      f"(run {update['created']}).")
     lines.append("")
     lines += [f"- {line}" for line in tables.machine_lines(doc)]
-    lines += ["", "Speed-ups are p50(FP32) / p50(candidate) measured interleaved in one process at "
-              "batch 1 (the 95% interval is a paired bootstrap over rounds); sizes are ratios "
-              "against the FP32 file; quality is top-1 on held-out digits or cosine against FP32 "
-              "on held-out inputs.", ""]
+    lines += ["", tables.method_note(doc), ""]
     return lines
 
 
@@ -64,16 +61,17 @@ def _overview(doc: Mapping[str, Any], threads: list[str]) -> list[str]:
     for t in threads:
         parts += [f"### Speed-up over FP32 at {t} thread(s)", "",
                   table(tables.overview_table(doc, [t])), ""]
-    parts += [f"\\* best recipe: the fastest onnxopt recipe at least {tables.MIN_SPEEDUP}x faster "
-              f"than FP32 with top-1 drop <= {tables.MAX_TOP1_DROP} pt (digits models) or "
-              f"cosine >= {tables.MIN_COSINE}.", ""]
+    if threads:
+        parts += [f"\\* best recipe: the fastest onnxopt recipe at least {tables.MIN_SPEEDUP}x "
+                  f"faster than FP32 with top-1 drop <= {tables.MAX_TOP1_DROP} pt (digits models) "
+                  f"or cosine >= {tables.MIN_COSINE}.", ""]
     parts += ["### Zipped size, times smaller than FP32", "",
               table(tables.size_overview_table(doc)), ""]
     parts += ["### Quality (top-1 change in points, or cosine vs FP32)", "",
               table(tables.quality_overview_table(doc)), ""]
     fails = tables.failures(doc)
     if fails:
-        parts += ["### Not measured", ""] + [f"- {line}" for line in fails] + [""]
+        parts += ["### Failures and budget misses", ""] + [f"- {line}" for line in fails] + [""]
     return parts
 
 

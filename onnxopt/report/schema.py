@@ -8,6 +8,8 @@ Schema (``schema_version`` 1)::
     {
       "schema_version": 1,
       "kind": "onnxopt.suite",
+      "source": "suite" | "demo" | "optimize" | "bench",   # optional (default "suite"): what
+                                                   # document it came from; renderers word by it
       "created": "2026-01-01T12:00:00+00:00",     # UTC, ISO 8601
       "command": "make bench",                     # the exact command that produced it
       "duration_s": 1234.5,
@@ -78,11 +80,17 @@ STATUSES = ("ok", "budget-missed", "not-applicable", "failed", "timeout")
 MEASURED = ("ok", "budget-missed")
 
 
+# What ``onnxopt report`` takes, for the one-line refusal of anything else.
+ACCEPTED = ("the suite's results.json, an 'onnxopt optimize --report' report.json, "
+            "'onnxopt bench --json' output or the demo's report.json")
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
     """A results document from ``path``; other onnxopt JSON documents are converted.
 
     Accepted: the suite's ``results.json``, ``onnxopt optimize --report``'s ``report.json`` (a
-    one-candidate waterfall) and ``onnxopt bench --json`` output (a latency table).
+    one-candidate waterfall), ``onnxopt bench --json`` output (a latency table) and ``onnxopt
+    demo``'s ``report.json`` (two digit classifiers and their recipes).
     """
     path = Path(path)
     try:
@@ -105,8 +113,11 @@ def as_suite_document(doc: Any, where: str | Path | None = None) -> dict[str, An
         return _from_optimization_report(doc)
     if "rows" in doc and "models" in doc:
         return _from_benchmark(doc)
-    raise InputError("not an onnxopt results document (suite results, optimize report or bench "
-                     "JSON)", where)
+    if isinstance(doc.get("models"), Mapping) and "data" in doc:
+        from onnxopt.report.from_demo import from_demo_report
+
+        return from_demo_report(doc)
+    raise InputError(f"not a document onnxopt writes; 'onnxopt report' takes {ACCEPTED}", where)
 
 
 def check(doc: Mapping[str, Any], where: str | Path | None = None) -> None:
@@ -160,6 +171,27 @@ def reference(model: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def waterfall_steps(candidate: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A recipe's steps, those whose model is the recipe's output carrying the candidate's figures.
+
+    The output is the model after the last pass that changed it (later passes changed nothing):
+    one file, so one set of figures. A checkpoint of it measured separately (it differs from the
+    output only by the provenance stamp) would put a second, different speed-up for the same
+    model on the page; the candidate's figures are those measured with the other candidates.
+    """
+    steps = [dict(s) for s in candidate.get("steps") or []]
+    if candidate.get("status") not in MEASURED or not steps:
+        return steps
+    changed = [i for i, s in enumerate(steps) if s.get("modified", True)]
+    for s in steps[changed[-1] if changed else 0:]:
+        s["stats"] = {**(s.get("stats") or {}), **(candidate.get("stats") or {})}
+        s["latency"] = dict(candidate.get("latency") or {})
+        s["quality"] = {**(s.get("quality") or {}),
+                        **{k: v for k, v in (candidate.get("quality") or {}).items()
+                           if v is not None}}
+    return steps
+
+
 def thread_counts(doc: Mapping[str, Any]) -> list[str]:
     """Thread counts present in any candidate's latency, as strings, in ascending order."""
     found = {t for m in doc.get("models") or [] for c in m.get("candidates") or []
@@ -208,20 +240,29 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 # Other onnxopt documents as suite documents
 
 
-def _from_optimization_report(rep: Mapping[str, Any]) -> dict[str, Any]:
-    """``onnxopt optimize --report`` output: one model, the reference and one recipe's waterfall."""
+def steps_from_passes(passes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """An optimization report's pass records as waterfall steps; quality is the worst output
+    cosine against the original model (the pipeline's drift), carried over unchanged passes."""
     def drift_quality(drift: Mapping[str, Any]) -> dict[str, Any]:
         cosines = [v.get("cosine") for v in drift.values() if isinstance(v, Mapping)]
         cosines = [c for c in cosines if _number(c) is not None]
         return {"top1": None, "cosine": min(cosines) if cosines else None}
 
     steps, last_quality = [], {"top1": None, "cosine": 1.0}
-    for p in rep.get("passes") or []:
+    for p in passes:
         if p.get("drift"):
             last_quality = drift_quality(p["drift"])
         steps.append({"name": p.get("name"), "modified": p.get("modified"),
-                      "seconds": p.get("seconds"), "stats": p.get("stats") or {}, "latency": {},
+                      "seconds": p.get("seconds"), "options": p.get("options") or {},
+                      "budget": p.get("budget"), "stats": p.get("stats") or {}, "latency": {},
                       "quality": dict(last_quality), "notes": p.get("notes") or {}})
+    return steps
+
+
+def _from_optimization_report(rep: Mapping[str, Any]) -> dict[str, Any]:
+    """``onnxopt optimize --report`` output: one model, the reference and one recipe's waterfall."""
+    steps = steps_from_passes(rep.get("passes") or [])
+    last_quality = dict(steps[-1]["quality"]) if steps else {"top1": None, "cosine": 1.0}
     recipe = str(rep.get("recipe", "recipe"))
     candidates = [
         _candidate("fp32", "reference", stats=rep.get("before"), quality={"cosine": 1.0}),
@@ -231,11 +272,15 @@ def _from_optimization_report(rep: Mapping[str, Any]) -> dict[str, Any]:
     from onnxopt.report.sensitivity import find_sensitivity
 
     candidates[1]["sensitivity"] = find_sensitivity(steps)
-    model = {"name": "model", "description": "from an onnxopt optimize report", "metric": "cosine",
-             "inputs": {}, "status": "ok", "error": None, "build_s": None,
+    model = {"name": "model", "description": "from an onnxopt optimize report; fidelity is the "
+             "worst output cosine against the original model on the verification inputs",
+             "metric": "cosine", "inputs": {}, "status": "ok", "error": None, "build_s": None,
              "candidates": candidates, "benchmark": []}
-    return _document([model], recipes={recipe: [s["name"] for s in steps]},
-                     command="onnxopt optimize --report", machine={})
+    prov = rep.get("provenance") or {}
+    versions = {"onnxopt": prov.get("version"), "onnxruntime": prov.get("onnxruntime_version")}
+    return new_document([model], recipes={recipe: [s["name"] for s in steps]},
+                     command="onnxopt optimize --report", machine={}, source="optimize",
+                     versions={k: v for k, v in versions.items() if v})
 
 
 def _from_benchmark(bench: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,8 +298,8 @@ def _from_benchmark(bench: Mapping[str, Any]) -> dict[str, Any]:
              "description": "from onnxopt bench --json (speed-ups against the first)",
              "metric": "cosine", "inputs": bench.get("feeds") or {}, "status": "ok", "error": None,
              "build_s": None, "candidates": candidates, "benchmark": [dict(bench)]}
-    return _document([model], recipes={}, command="onnxopt bench",
-                     machine=bench.get("machine") or {})
+    return new_document([model], recipes={}, command="onnxopt bench",
+                     machine=bench.get("machine") or {}, source="bench")
 
 
 def _candidate(name: str, kind: str, **fields: Any) -> dict[str, Any]:
@@ -273,8 +318,12 @@ def new_candidate(name: str, kind: str, **fields: Any) -> dict[str, Any]:
     return _candidate(name, kind, **fields)
 
 
-def _document(models: list[dict[str, Any]], *, recipes: dict[str, Any], command: str,
-              machine: Mapping[str, Any]) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "kind": KIND, "created": None, "command": command,
-            "duration_s": None, "machine": dict(machine), "versions": {}, "settings": {},
-            "recipes": recipes, "models": models}
+def new_document(models: list[dict[str, Any]], *, recipes: dict[str, Any], command: str,
+                 machine: Mapping[str, Any], source: str, versions: Mapping[str, Any] | None = None,
+                 created: str | None = None, duration_s: float | None = None) -> dict[str, Any]:
+    """A results document with every top-level field; for converters of other documents."""
+    return {"schema_version": SCHEMA_VERSION, "kind": KIND, "source": source, "created": created,
+            "command": command, "duration_s": duration_s, "machine": dict(machine),
+            "versions": dict(versions or {}), "settings": {}, "recipes": recipes,
+            "models": models}
+

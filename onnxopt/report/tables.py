@@ -6,6 +6,7 @@ Every figure is formatted here once, so both formats always show the same number
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from onnxopt.report import schema
 MAX_TOP1_DROP = 0.5  # points
 MIN_COSINE = 0.99
 MIN_SPEEDUP = 1.05
+# Next to a figure of a recipe whose held-out quality is below its budget.
+BUDGET_MARK = "†"
 
 
 @dataclasses.dataclass
@@ -116,6 +119,54 @@ def metric_header(metric: str) -> str:
     return "top-1 % (Δ pt)" if metric == "top1" else "cosine vs FP32"
 
 
+def top1_budget(candidate: Mapping[str, Any]) -> float:
+    """Points of top-1 a recipe may lose: the strictest ``max_drop`` its steps were given, else
+    :data:`MAX_TOP1_DROP` (the accuracy-aware passes' default)."""
+    given = [schema._number((s.get("options") or {}).get("max_drop"))
+             for s in candidate.get("steps") or []]
+    given = [g for g in given if g is not None]
+    return min(given) if given else MAX_TOP1_DROP
+
+
+def cosine_budget(candidate: Mapping[str, Any]) -> float | None:
+    """The loosest cosine floor among the recipe's changing steps (``cosine >= X``), or None."""
+    floors = []
+    for s in candidate.get("steps") or []:
+        found = re.search(r"cosine >= ([0-9.]+)", str(s.get("budget") or ""))
+        if found and s.get("modified", True):
+            floors.append(float(found.group(1)))
+    return min(floors) if floors else None
+
+
+def budget_miss(model: Mapping[str, Any], candidate: Mapping[str, Any]) -> str | None:
+    """Why a measured recipe's quality breaks its budget, or None. The passes check their budget
+    on the data they were given; this checks the figure the page shows (held-out data)."""
+    if candidate.get("kind") != "recipe" or candidate.get("status") not in schema.MEASURED:
+        return None
+    if model.get("metric", "cosine") == "top1":
+        ref = schema.reference(model)
+        q, base = schema.quality(candidate, "top1"), schema.quality(ref, "top1") if ref else None
+        allowed = top1_budget(candidate)
+        if q is not None and base is not None and base - q > allowed + 1e-9:
+            return f"top-1 {q - base:+.2f} pt against FP32, budget {allowed:g} pt"
+        return None
+    q, floor = schema.quality(candidate, "cosine"), cosine_budget(candidate)
+    if q is not None and floor is not None and q < floor - 1e-12:
+        return f"cosine {q:.4f} against FP32, budget >= {floor:g}"
+    return None
+
+
+def shown_status(model: Mapping[str, Any], candidate: Mapping[str, Any]) -> str:
+    """The candidate's status, ``budget-missed`` when its shown quality breaks its budget."""
+    status = str(candidate.get("status", ""))
+    return "budget-missed" if status == "ok" and budget_miss(model, candidate) else status
+
+
+def _marked(text: str, model: Mapping[str, Any], candidate: Mapping[str, Any]) -> str:
+    return text + BUDGET_MARK if text and shown_status(model, candidate) == "budget-missed" \
+        else text
+
+
 def summary_table(model: Mapping[str, Any], threads: list[str]) -> Table:
     """One row per candidate: size, params, MACs, latency, memory, quality, time."""
     metric = model.get("metric", "cosine")
@@ -130,18 +181,19 @@ def summary_table(model: Mapping[str, Any], threads: list[str]) -> Table:
     for c in model.get("candidates") or []:
         zipped = schema.stat(c, "zipped_bytes")
         row = [
-            c["name"], c.get("status", ""), count(schema.stat(c, "params")),
+            c["name"], shown_status(model, c), count(schema.stat(c, "params")),
             megabytes(schema.stat(c, "size_bytes")), megabytes(zipped),
             times_smaller(ref_zip, zipped),
             count(schema.stat(c, "total_macs")),
             *_latency_cells(c, threads),
-            "" if schema._number(c.get("peak_rss_mb")) is None else f"{c['peak_rss_mb']:.0f}",
-            quality_text(c, ref, metric),
+            "" if schema._number(c.get("peak_rss_mb")) is None or c.get("status") not in
+            schema.MEASURED else f"{c['peak_rss_mb']:.0f}",
+            _marked(quality_text(c, ref, metric), model, c),
             *([quality_text(c, ref, "cosine")] if metric == "top1" else []),
             seconds(schema._number(c.get("optimize_s"))),
         ]
         rows.append(row)
-        status.append(c.get("status", ""))
+        status.append(shown_status(model, c))
     numeric = [False, False] + [True] * (len(headers) - 2)
     return Table(headers, rows, numeric, status)
 
@@ -164,7 +216,7 @@ def waterfall_table(model: Mapping[str, Any], candidate: Mapping[str, Any],
                 quality_text(entry, ref, metric), seconds(secs)]
 
     rows = [row("fp32 (original)", ref, None)]
-    for step in candidate.get("steps") or []:
+    for step in schema.waterfall_steps(candidate):
         label = str(step.get("name")) + ("" if step.get("modified", True) else " (no change)")
         rows.append(row(label, step, schema._number(step.get("seconds"))))
     return Table(headers, rows, [False] + [True] * (len(headers) - 1), ["ok"] * len(rows))
@@ -188,7 +240,7 @@ def overview_table(doc: Mapping[str, Any], threads: list[str]) -> Table:
             elif c.get("status") not in schema.MEASURED:
                 cells.append(str(c.get("status")))
             else:
-                cells.append(ratio(schema.speedup(c, t)))
+                cells.append(_marked(ratio(schema.speedup(c, t)), m, c))
         best = best_recipe(m, t)
         if m.get("status") == "failed":
             cells[1], best_text = "model failed", ""
@@ -239,9 +291,9 @@ def quality_overview_table(doc: Mapping[str, Any]) -> Table:
             if q is None:
                 cells.append("")
             elif metric == "top1" and base is not None:
-                cells.append(f"{q - base:+.2f}")
+                cells.append(_marked(f"{q - base:+.2f}", m, c))
             else:
-                cells.append(f"{q:.4f}" if metric != "top1" else f"{q:.2f}")
+                cells.append(_marked(f"{q:.4f}" if metric != "top1" else f"{q:.2f}", m, c))
         rows.append(cells)
         status.append(m.get("status", "ok"))
     return Table(headers, rows, [False, False] + [True] * (len(headers) - 2), status)
@@ -255,7 +307,7 @@ def best_recipe(model: Mapping[str, Any], threads: str) -> Mapping[str, Any] | N
     base = schema.quality(ref, metric) if ref else None
     best = None
     for c in model.get("candidates") or []:
-        if c.get("kind") != "recipe" or c.get("status") != "ok":
+        if c.get("kind") != "recipe" or shown_status(model, c) != "ok":
             continue
         s, q = schema.speedup(c, threads), schema.quality(c, metric)
         if s is None or q is None:
@@ -296,26 +348,72 @@ def failures(doc: Mapping[str, Any]) -> list[str]:
             if c.get("status") not in ("ok",):
                 lines.append(f"{m['name']} / {c['name']}: {c.get('status')}: {c.get('error') or ''}"
                              .rstrip(": "))
+            elif budget_miss(m, c):
+                lines.append(f"{m['name']} / {c['name']}: budget-missed on held-out data: "
+                             f"{budget_miss(m, c)}")
     return lines
 
 
 def machine_lines(doc: Mapping[str, Any]) -> list[str]:
-    """The machine record as 'key: value' lines (CPU, ISA, cores, memory, versions)."""
+    """The machine record as 'key: value' lines (CPU, ISA, cores, memory, OS, versions); a fact
+    the document does not record (an optimize report has no machine) is left out, not 'None'."""
     m = doc.get("machine") or {}
-    isa = ", ".join(k for k, v in (m.get("isa") or {}).items() if v) or "unknown"
-    lines = [
-        f"CPU: {m.get('cpu_model')} ({m.get('arch')})",
-        f"ISA: {isa}",
-        f"cores: {m.get('usable_cores')} usable of {m.get('logical_cores')} logical; "
-        f"memory {m.get('mem_total_mb') or 0:,.0f} MB",
-        f"OS: {m.get('os')}",
-    ]
+    lines = []
+    if m.get("cpu_model") or m.get("arch"):
+        lines.append(f"CPU: {m.get('cpu_model') or 'unknown model'}"
+                     + (f" ({m['arch']})" if m.get("arch") else ""))
+    isa = ", ".join(k for k, v in (m.get("isa") or {}).items() if v)
+    if isa:
+        lines.append(f"ISA: {isa}")
+    facts = []
+    if m.get("usable_cores") or m.get("logical_cores"):
+        facts.append(f"cores: {m.get('usable_cores') or '?'} usable of "
+                     f"{m.get('logical_cores') or '?'} logical")
+    if schema._number(m.get("mem_total_mb")):
+        facts.append(f"memory {m['mem_total_mb']:,.0f} MB")
+    if facts:
+        lines.append("; ".join(facts))
+    if m.get("os"):
+        lines.append(f"OS: {m['os']}")
     loads = [x[1] for x in (mm.get("load_average") for mm in doc.get("models") or [])
              if isinstance(x, list) and len(x) == 3]
+    cores = m.get("usable_cores") or m.get("logical_cores")
     if loads:
-        lines.append(f"load average (5 min) after each model: {min(loads):.1f} to {max(loads):.1f} "
-                     f"on {m.get('usable_cores') or m.get('logical_cores')} cores")
+        lines.append(f"load average (5 min) after each model: {min(loads):.1f} to {max(loads):.1f}"
+                     + (f" on {cores} cores" if cores else ""))
     versions = {**(m.get("versions") or {}), **(doc.get("versions") or {})}
-    if versions:
+    if any(versions.values()):
         lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
     return lines
+
+
+def title(doc: Mapping[str, Any]) -> str:
+    return {"demo": "onnxopt demo report", "optimize": "onnxopt optimization report",
+            "bench": "onnxopt bench report"}.get(doc.get("source", "suite"),
+                                                 "onnxopt benchmark report")
+
+
+def method_note(doc: Mapping[str, Any]) -> str:
+    """How the page's figures were measured, saying only what applies to this document."""
+    parts = []
+    if any(schema.speedup(c, t) is not None for m in doc.get("models") or []
+           for c in m.get("candidates") or [] for t in (c.get("latency") or {})):
+        parts.append("Speed-ups are p50(FP32) / p50(candidate), measured interleaved in one "
+                     "process at batch 1 (95% interval: paired bootstrap over rounds).")
+    parts.append("Sizes are ratios against the FP32 file.")
+    metrics = {m.get("metric", "cosine") for m in doc.get("models") or []}
+    source = doc.get("source", "suite")
+    quality = []
+    if "top1" in metrics:
+        quality.append("top-1 on held-out digits" if source in ("demo", "suite")
+                       else "top-1 on held-out labelled inputs")
+    if "cosine" in metrics:
+        quality.append("the worst output cosine against the original model on the "
+                       "verification inputs" if source == "optimize"
+                       else "cosine against FP32 on held-out inputs")
+    if quality and source != "bench":
+        parts.append("Quality is " + ", or ".join(quality) + ".")
+    if any(budget_miss(m, c) for m in doc.get("models") or [] for c in m.get("candidates") or []):
+        parts.append(f"{BUDGET_MARK} marks a recipe whose quality on held-out data is below its "
+                     "budget (listed under Failures and budget misses).")
+    return " ".join(parts)
