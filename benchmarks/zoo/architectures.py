@@ -123,7 +123,7 @@ HF = [
         "ConvNextConfig", "ConvNextModel", _floats(3, 64, 64), **_STAGES)),
     Architecture("hf-swin", "hf", _hf(
         "SwinConfig", "SwinModel", _floats(3, 64, 64), image_size=64, patch_size=4, embed_dim=32,
-        depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4)),
+        depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=2)),
     Architecture("hf-resnet", "hf", _hf(
         "ResNetConfig", "ResNetModel", _floats(3, 64, 64), embedding_size=32,
         hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1])),
