@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.errors import InputError
 from onnxopt.feeds import Feeds
 from onnxopt.model_io import load_model, to_ir
 from onnxopt.pipeline import OptimizationReport, Pipeline
@@ -50,6 +51,7 @@ def optimize(
     overrides: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
     max_memory: int | None = None,
+    threads: Sequence[int] | None = None,
 ) -> tuple[ir.Model, OptimizationReport]:
     """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
 
@@ -57,8 +59,12 @@ def optimize(
     or an iterable of feeds), read in batches; the first batch also serves for verification
     unless ``verify_feeds`` is given. ``max_memory`` (bytes) sizes those batches, and the batches
     of INT8's accuracy check, so the weights plus one batch of activations fit
-    (:mod:`onnxopt.memory`).
+    (:mod:`onnxopt.memory`). ``threads``: the intra-op thread counts the model will run at;
+    passes that decide by latency (``quantize``, ``fuse-transformer``) decide at these
+    (default: 1 and every usable core).
     """
+    if threads is not None and (not threads or any(int(t) < 1 for t in threads)):
+        raise InputError(f"threads must be positive counts, got {list(threads)}")
     ir_model = load(model)
     batches = _calibration_batches(calibration, ir_model, max_memory)
     if verify_feeds is None and batches:
@@ -66,6 +72,7 @@ def optimize(
     context = PassContext(
         calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
         seed=seed, target=target, max_memory=max_memory,
+        threads=None if threads is None else [int(t) for t in threads],
     )
     pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir)
     return pipeline.run(ir_model, context, progress=progress)

@@ -136,6 +136,10 @@ def optimize(
     max_memory: Optional[str] = typer.Option(
         None, "--max-memory", help="Memory budget (e.g. 4G) for calibration and INT8's accuracy "
         "check: batches are sized so the weights plus one batch of activations fit."),
+    threads: Optional[str] = typer.Option(
+        None, "--threads", help="Comma-separated intra-op thread counts the model will run at; "
+        "latency decisions (INT8 or FP32, LayerNorm forms) are made at these (default: 1 and "
+        "all usable cores)."),
 ) -> None:
     """Run a recipe of passes; each pass is verified against ONNX Runtime."""
     from onnxopt.api import load, optimize as run_optimize
@@ -144,6 +148,7 @@ def optimize(
     from onnxopt.model_io import save_model
 
     budget = parse_size(max_memory) if max_memory is not None else None
+    thread_counts = _parse_threads(threads) if threads else None
     source = load(model)
     overrides = _parse_settings(settings)
     if max_drop is not None:
@@ -163,7 +168,7 @@ def optimize(
             result, rep = run_optimize(
                 source, recipe, calibration=calib, evaluation=evaluation, seed=seed, target=target,
                 checkpoint_dir=checkpoints, overrides=overrides, progress=on_step,
-                max_memory=budget)
+                max_memory=budget, threads=thread_counts)
         except QualityGateError as exc:
             partial = getattr(exc, "partial", None)
             if partial is not None:  # the best candidate is saved even when the budget is missed

@@ -29,6 +29,9 @@ class PassContext:
     the model on many samples at once.
     ``provenance``: the metadata the pipeline stamps into the output model after the last pass;
     a pass that holds the file to a size target measures its candidates with it.
+    ``threads``: the intra-op thread counts the model is deployed at (``--threads``), which
+    latency decisions are made at; ``None``: 1 and every usable core
+    (:func:`onnxopt.passes._shared.timing.deploy_threads`).
     """
 
     calibration: list[dict[str, np.ndarray]] | None = None
@@ -38,6 +41,7 @@ class PassContext:
     target: str | None = None
     max_memory: int | None = None
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)
+    threads: list[int] | None = None
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@ and least-squares reconstruction brings outputs back."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -559,3 +560,40 @@ def test_exported_torch_residual_block_through_the_pipeline() -> None:
     assert record.drift and all(m["cosine"] >= 0.5 for m in record.drift.values())
     out = run(optimized, {model.graph.inputs[0].name: x.numpy()})
     assert next(iter(out.values())).shape == (2, 5)
+
+
+def test_nothing_prunable_warns_with_the_reason(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A single MatMul feeding the graph output: its neurons are the model's output, so no group
+    can lose any; the pass says so on the console, naming what blocked it (it used to write the
+    same file without a word)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxopt.cli import main
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8))
+                                .astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = tmp_path / "mm.onnx"
+    onnx.save(model, path)
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"),
+                 "--recipe", "prune-channels"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning: prune-channels:")]
+    assert len(warnings) == 1
+    assert "no prunable group found" in warnings[0]
+    assert "model output 'y' keeps its shape" in warnings[0]
+    # no weighted layer at all: said too
+    relu = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    opt = PruneChannelsPass(PruneChannelsConfig(), PassContext())
+    assert not opt(ir.serde.deserialize_model(relu)).modified
+    assert "no Conv, ConvTranspose, Gemm or MatMul" in opt.notes["warning"]

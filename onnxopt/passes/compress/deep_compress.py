@@ -176,7 +176,9 @@ class DeepCompressPass(OptPass):
         search = Search(working, cfg, batches, evaluator, index, seed=self.context.seed,
                         original_stats=original_stats)
         if not search.layers:
-            self.notes = {"reason": "no layer to compress"}
+            self.notes = {"reason": "no layer to compress",
+                          "warning": f"nothing compressed: no {'/'.join(cfg.ops)} constant weight "
+                                     "to compress outside 'exclude'"}
             return ir.passes.PassResult(model, False)
         best = search.run()
         self.notes = search.notes(best)

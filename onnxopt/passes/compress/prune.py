@@ -92,7 +92,9 @@ class PrunePass(OptPass):
         layers = unique_layers(find_layers(model, ops=cfg.ops, exclude=cfg.exclude,
                                            min_elements=cfg.min_elements))
         if not layers:
-            self.notes = {"layers": [], "reason": "no prunable layer"}
+            self.notes = {"layers": [], "reason": "no prunable layer",
+                          "warning": f"nothing pruned: no {'/'.join(cfg.ops)} constant weight "
+                                     f"of at least {cfg.min_elements} elements outside 'exclude'"}
             return ir.passes.PassResult(model, False)
         before = model_stats(model)
         was = [(weight_storage.stored_format(layer.weight), layer.weight_array(),

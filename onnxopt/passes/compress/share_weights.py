@@ -150,6 +150,11 @@ class ShareWeightsPass(OptPass):
             "zipped_before": before.zipped_bytes, "zipped_after": after.zipped_bytes,
         }
         modified = exact or bool(merged) or any(r["storage"] != "unchanged" for r in records)
+        if not modified:  # said on the console (the CLI prints notes["warning"])
+            self.notes["warning"] = "nothing shared: " + (
+                "every selected layer kept its storage (see 'layers')" if records else
+                f"no layer selected: no {'/'.join(cfg.ops)} constant weight of at least "
+                f"{cfg.min_elements} elements outside 'exclude'")
         return ir.passes.PassResult(model, modified)
 
 

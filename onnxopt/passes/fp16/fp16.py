@@ -87,6 +87,7 @@ class Fp16Pass(OptPass):
                       "onnxruntime": ort.__version__}
         if not _float32_left(model, blocked | set(cfg.keep_nodes)):
             self.notes["skipped"] = "no float32 computation left to convert"
+            self.notes["warning"] = "nothing converted to float16: " + self.notes["skipped"]
             return ir.passes.PassResult(model, False)
         out_of_range: dict[str, str] = {}
         if cfg.max_cast_error > 0:
@@ -98,6 +99,7 @@ class Fp16Pass(OptPass):
             self.notes["kept_float32_nodes"] = out_of_range
         if not _float32_left(model, blocked | set(cfg.keep_nodes) | set(out_of_range)):
             self.notes["skipped"] = "no float32 computation left to convert within range"
+            self.notes["warning"] = "nothing converted to float16: " + self.notes["skipped"]
             return ir.passes.PassResult(model, False)
         converted = convert_float_to_float16(
             ir.serde.serialize_model(model), keep_io_types=True, op_block_list=sorted(blocked),

@@ -26,7 +26,7 @@ from onnxopt.model_io import is_big
 from onnxopt.passes._shared.surgery import replace_contents
 from onnxopt.passes.fusion._embed import CONTRIB, embed_layer_norm_rules
 from onnxopt.passes.fusion._layer_norms import split_layer_norm_rules
-from onnxopt.passes._shared.timing import geomean, measure
+from onnxopt.passes._shared.timing import deploy_threads, measure_decided
 from onnxopt.passes.fusion._attention_mask import quantizable_attention
 from onnxopt.registry import OptPass, option, register
 
@@ -58,7 +58,9 @@ class FuseTransformerConfig:
         "LayerNormalization(Sum), which keeps them out of ORT's slow SkipLayerNormalization CPU "
         "kernel: 'auto' times both forms here and keeps the faster (only when --target is this "
         "machine); 'always'; 'never'.")
-    threads: list[int] = option([1, 2], "Thread counts the LayerNorm forms are timed at.")
+    threads: list[int] | None = option(
+        None, "Thread counts the LayerNorm forms are timed at; null: the pipeline's --threads "
+        "(default 1 and all cores).")
     latency_budget_s: float = option(1.0, "Seconds of interleaved timing per thread count.")
 
 
@@ -81,6 +83,7 @@ class FuseTransformerPass(OptPass):
             # the rewriter (a 2 GB MLP would otherwise be copied and folded for nothing).
             self.notes = {"fusions": {}, "skipped": "no op any transformer fusion starts from "
                           f"({', '.join(sorted(TRANSFORMER_OPS))})"}
+            self.notes["warning"] = "nothing fused: " + self.notes["skipped"]
             return ir.passes.PassResult(model, False)
         # onnxscript's ORT optimizer also rewrites what is not a transformer (every Gemm back to
         # MatMul + Add, for one), so it works on a copy that is adopted only if a fusion fired.
@@ -92,6 +95,7 @@ class FuseTransformerPass(OptPass):
             # on a copy), the report says why nothing was fused.
             self.notes = {"fusions": {}, "skipped": f"onnxscript's fusions failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            self.notes["warning"] = "nothing fused: " + self.notes["skipped"]
             return ir.passes.PassResult(model, False)
         fired = {name: n for name, n in counts.items() if n}
         if cfg.embed_layer_norm:
@@ -107,7 +111,11 @@ class FuseTransformerPass(OptPass):
             self.notes = {"fusions": fired, "contrib_ops": dict(_contrib_ops(model))}
             if layer_norms:
                 self.notes["layer_norms"] = layer_norms
-            return ir.passes.PassResult(model, bool(fired) or bool(layer_norms.get("kept")))
+            modified = bool(fired) or bool(layer_norms.get("kept"))
+            if not modified:
+                self.notes["warning"] = ("nothing fused: no Attention, LayerNorm, GELU or "
+                                         "embedding pattern matched (see 'contrib_ops')")
+            return ir.passes.PassResult(model, modified)
         # Attention takes one packed QKV weight, which the fusion builds with a Concat of the
         # three initializers: fold it so the runtime does not re-concatenate every call.
         FoldConstantsPass(shape_inference=False, input_size_limit=cfg.fold_size_limit,
@@ -149,11 +157,17 @@ class FuseTransformerPass(OptPass):
             sample = self._latency_feeds()
             if sample is None:
                 return {**notes, "kept": False, "why": "no sample inputs to time on"}
-            timing = measure(ir.to_proto(fused), {"split": ir.to_proto(split)}, sample,
-                             cfg.threads, cfg.latency_budget_s)["split"]
+            # geometric mean over the thread counts, measured longer while its interval
+            # straddles 1 (nearly equal models on a noisy machine: timing.measure_decided)
+            timings, decisions = measure_decided(
+                ir.to_proto(fused), {"split": ir.to_proto(split)}, sample,
+                deploy_threads(cfg.threads or self.context.threads), cfg.latency_budget_s,
+                threshold=1.0, rule="geomean")
+            timing, decision = timings["split"], decisions["split"]
             notes["speedup"] = {t: round(s, 3) for t, s in timing.speedups.items()}
-            if geomean(timing.speedups.values()) <= 1.0:
-                return {**notes, "kept": False, "why": "not faster here"}
+            notes["latency_decision"] = decision.to_dict()
+            if not decision.passed:
+                return {**notes, "kept": False, "why": f"not faster here: {decision.describe()}"}
         replace_contents(fused, split)
         return {**notes, "kept": True}
 

@@ -115,6 +115,14 @@ class PruneChannelsPass(OptPass):
         return Budget("cosine", min_value=self.config.min_cosine)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self._call(model)
+        if not result.modified:  # said on the console (the CLI prints notes["warning"])
+            self.notes["warning"] = "nothing pruned: " + (
+                self.notes.get("unchanged") or nothing_to_prune(self.notes.get("groups", []),
+                                                                self.config))
+        return result
+
+    def _call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: PruneChannelsConfig = self.config
         _prepare(model)
         self._fit_data = self.context.calibration or ()
@@ -323,6 +331,26 @@ def _skip_reason(group: ChannelGroup, cfg: PruneChannelsConfig) -> str | None:
     if cfg.include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in cfg.include):
         return "not included"
     return None
+
+
+def nothing_to_prune(group_notes: list[dict[str, Any]], cfg: PruneChannelsConfig) -> str:
+    """Why no unit was removed, from the groups' notes: what blocked or skipped them, most
+    frequent first (a blocked group names the op or the model input/output that fixed its
+    channels)."""
+    if not group_notes:
+        return ("no prunable group found: no Conv, ConvTranspose, Gemm or MatMul with a constant "
+                "weight and static channel sizes")
+    reasons: dict[str, int] = {}
+    for note in group_notes:
+        why = note.get("skipped") or (
+            f"ratio {cfg.ratio:g} removes no unit of {note['units']} after rounding kept counts "
+            f"up to a multiple of {cfg.round_to}")
+        reasons[why] = reasons.get(why, 0) + 1
+    listed = sorted(reasons.items(), key=lambda r: -r[1])
+    text = "; ".join(f"{why} ({n} group{'s' * (n > 1)})" for why, n in listed[:3])
+    more = f"; and {len(listed) - 3} other reasons" if len(listed) > 3 else ""
+    count = len(group_notes)
+    return f"no prunable group found ({count} group{'s' * (count > 1)} analysed): {text}{more}"
 
 
 def _partitions(group: ChannelGroup) -> list[list[int]]:

@@ -48,7 +48,8 @@ from onnxopt.passes._shared.activations import capture, small_batch
 from onnxopt.passes.quantize._calibrate import CalibrationTable, calibrate, float_activations
 from onnxopt.passes.quantize._convert import DYNAMIC_OPS, QuantSpec, convert, digest, load_check
 from onnxopt.passes.fusion import split_layer_norms
-from onnxopt.passes._shared.timing import Timing, geomean, measure
+from onnxopt.passes._shared.timing import (Decision, Timing, decide, deploy_threads,
+                                            measure_decided)
 from onnxopt.passes.quantize._prepare import COMPUTE_OPS, PreparedModel, prepare
 from onnxopt.passes.quantize._report import quantized_nodes, sensitivity_report
 from onnxopt.passes.quantize._safety import FloatPlan, float_plan, unsafe_tensors
@@ -91,8 +92,10 @@ class QuantizeConfig:
     min_depth: int = option(32, "Also time a candidate keeping compute nodes with a reduction "
                                 "depth below this (MACs per quantized value) in FP32.")
     min_speedup: float = option(1.05, "An INT8 candidate must be at least this much faster than "
-                                      "FP32 at every measured thread count.")
-    threads: list[int] = option([1, 2], "Thread counts latency is measured at.")
+                                      "FP32 at every measured thread count (an interval that "
+                                      "straddles it is measured longer before deciding).")
+    threads: list[int] | None = option(None, "Thread counts latency is measured at; null: the "
+                                             "pipeline's --threads (default 1 and all cores).")
     latency_budget_s: float = option(2.0, "Seconds of interleaved timing per thread count.")
     measure_latency: bool = option(True, "Time candidates against FP32 (off: no FP32 fallback "
                                          "for speed; auto means static, or dynamic without "
@@ -119,7 +122,7 @@ class QuantizeConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"option '{name}' must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
-        if not self.threads or any(t < 1 for t in self.threads):
+        if self.threads is not None and (not self.threads or any(t < 1 for t in self.threads)):
             raise ValueError(f"option 'threads' needs positive counts, got {self.threads}")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError(f"option 'max_drop' must be >= 0, got {self.max_drop}")
@@ -150,6 +153,7 @@ class QuantizePass(OptPass):
         self._user_evaluation = False
         self._cosine_floor = 0.98
         self._shallow: set[str] = set()
+        self._threads: list[int] = []
 
     def budget(self) -> Budget:
         if self._user_evaluation:
@@ -158,6 +162,7 @@ class QuantizePass(OptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: QuantizeConfig = self.config
+        self._threads = deploy_threads(cfg.threads or self.context.threads)
         cpu = detect_cpu()
         target = resolve_target(cfg.target if cfg.target != "auto" else self.context.target, cpu)
         measurable = cfg.measure_latency and is_host(target, cpu)
@@ -181,6 +186,7 @@ class QuantizePass(OptPass):
         self.notes["prepare"] = prepared.notes
         if not prepared.nodes:
             self.notes["decision"] = "kept FP32: no Conv, MatMul or Gemm to quantize"
+            self.notes["warning"] = self.notes["decision"]
             return ir.passes.PassResult(model, False)
         table = self._calibration_table(prepared, data, cfg, tmp)
         activations = capture(prepared.proto, sample, prepared.session_config)
@@ -200,19 +206,24 @@ class QuantizePass(OptPass):
         timings: dict[QuantSpec, Timing | None] = {spec: None for spec in protos}
         order = list(protos)
         if measurable:
-            measured = self._measure(prepared.proto, {s.label(): p for s, p in protos.items()},
-                                     sample)
+            measured, decisions = self._measure(
+                prepared.proto, {s.label(): p for s, p in protos.items()}, sample)
             self.notes["latency"] = {label: t.to_dict() for label, t in measured.items()}
+            self.notes["latency_decisions"] = {k: d.to_dict() for k, d in decisions.items()}
             timings = {s: measured[s.label()] for s in protos}
-            order = sorted((s for s in protos if timings[s].worst >= cfg.min_speedup),
+            # decision.passed is timing.worst >= min_speedup, after longer measurements of
+            # straddling intervals (timing.decide), so the search's own checks agree with it
+            order = sorted((s for s in protos if decisions[s.label()].passed),
                            key=lambda s: timings[s].worst, reverse=True)
             if not order:
                 best = max(protos, key=lambda s: timings[s].worst)
+                self._latency_decision(best.label(), timings[best])
                 self.notes["decision"] = (
                     f"kept FP32: no INT8 candidate was {cfg.min_speedup:g}x faster than FP32 at "
-                    f"{_threads(cfg.threads)} (best: {best.label()} at "
-                    f"{timings[best].worst:.2f}x): Quantize/Dequantize overhead outweighs the "
-                    "integer arithmetic on this model")
+                    f"{_threads(self._threads)} (best: {best.label()}, "
+                    f"{decisions[best.label()].describe()}): Quantize/Dequantize overhead "
+                    "outweighs the integer arithmetic on this model")
+                self.notes["warning"] = self.notes["decision"]
                 ranking = node_sqnr(prepared, best, table, activations)
                 self.notes.update(sensitivity_report(prepared, ranking, None, plan,
                                                      self._shallow, cfg.min_depth, None))
@@ -225,7 +236,7 @@ class QuantizePass(OptPass):
             return cache[spec]
 
         def time_it(proto: onnx.ModelProto) -> Timing:
-            return self._measure(prepared.proto, {"candidate": proto}, sample)["candidate"]
+            return self._measure(prepared.proto, {"candidate": proto}, sample)[0]["candidate"]
 
         outcome = search(
             [(s, protos[s], timings[s]) for s in order], convert_cached, evaluator,
@@ -248,6 +259,7 @@ class QuantizePass(OptPass):
         if result is None:
             self.notes["decision"] = ("kept FP32: every INT8 candidate lost its speed-up once "
                                       "the accuracy search had moved nodes back to FP32")
+            self.notes["warning"] = self.notes["decision"]
             self.notes.update(sensitivity_report(prepared, [], None, plan, self._shallow,
                                                  cfg.min_depth, None))
             return ir.passes.PassResult(model, False)
@@ -262,8 +274,11 @@ class QuantizePass(OptPass):
                    f"(FP32 {evaluator.reference:.4g}, drop {result.score.drop:.3g} "
                    f"{evaluator.metric.unit}, allowed {evaluator.max_drop:g})")
         if outcome.timing is not None:
-            summary += (f"; {outcome.timing.worst:.2f}x faster than FP32 (worst of "
-                        f"{_threads(cfg.threads)})")
+            decision = self._latency_decision(result.spec.label(), outcome.timing)
+            summary += f"; faster than FP32 by {decision.describe()}"
+            if decision.verdict == "uncertain":
+                self.notes["warning"] = ("INT8 kept on an uncertain latency decision: "
+                                         + decision.describe())
         self.notes["model_digest"] = digest(result.proto)
         if not outcome.met:
             self.notes["decision"] = f"budget NOT met; kept the best candidate: {summary}"
@@ -293,29 +308,36 @@ class QuantizePass(OptPass):
         except OnnxoptError as exc:
             self.notes["layer_norms"] = {"rewritten": count, "kept": False, "why": exc.message}
             return
-        # Two nearly equal models compared through a noisy machine: time them longer than a
-        # candidate screen, and weigh every thread count (the worst one alone flipped the choice
-        # run to run under load, though the rewrite was 1.4-1.6x faster side by side).
-        timings = self._measure(fp32, {"as found": result.proto, "split": proto}, sample,
-                                scale=3.0)
-        gain = geomean([timings["split"].speedups[t] / timings["as found"].speedups[t]
-                         for t in timings["split"].speedups])
+        # Two nearly equal models compared through a noisy machine: the split form is timed
+        # against the result as found (the quantity decided), longer than a candidate screen and
+        # longer still while the interval straddles 1; every thread count is weighed (the worst
+        # one alone flipped the choice run to run under load, though the rewrite was 1.4-1.6x
+        # faster side by side). FP32 rides along for the speed-ups the notes report.
+        timings, decisions = self._measure(
+            result.proto, {"split": proto, "fp32": fp32}, sample, scale=1.5, threshold=1.0,
+            rule="geomean", decide_on=["split"], reference_name="as found")
+        decision = decisions["split"]
         score = evaluator.score(proto)
-        faster = gain > 1.0
+        faster = decision.passed
         accurate = evaluator.within(score) if outcome.met else score.drop <= result.score.drop
+        as_found = timings["as found"].over(timings["fp32"])
+        split = timings["split"].over(timings["fp32"])
         self.notes["layer_norms"] = {
             "rewritten": count, "kept": faster and accurate,
-            "speedup_as_found": round(timings["as found"].worst, 3),
-            "speedup_split": round(timings["split"].worst, 3),
-            "split_over_as_found": round(gain, 3),
+            "speedup_as_found": round(as_found.worst, 3),
+            "speedup_split": round(split.worst, 3),
+            "split_over_as_found": round(decision.speedup, 3),
+            "latency_decision": decision.to_dict(),
             "value_split": score.value}
         if faster and accurate:
-            result.proto, result.score, outcome.timing = proto, score, timings["split"]
+            result.proto, result.score, outcome.timing = proto, score, split
 
     def _measure(self, fp32: onnx.ModelProto, candidates: dict[str, onnx.ModelProto],
-                 sample: Feeds, scale: float = 1.0) -> dict[str, Timing]:
-        """Interleaved timing; the budget grows with the model so slow models get enough runs
-        (and with ``scale`` for close calls)."""
+                 sample: Feeds, scale: float = 1.0, threshold: float | None = None,
+                 **rules: Any) -> tuple[dict[str, Timing], dict[str, Decision]]:
+        """Interleaved timing at the deployed thread counts, measured longer while an interval
+        straddles ``threshold`` (default ``min_speedup``) (:func:`measure_decided`); the budget
+        grows with the model so slow models get enough runs (and with ``scale``)."""
         cfg: QuantizeConfig = self.config
         feeds = _latency_feeds(sample)
         session = runner.create_session(fp32.SerializeToString(), threads=1)
@@ -325,7 +347,16 @@ class QuantizePass(OptPass):
             runner.run(session, feeds)
         per_run = (time.perf_counter() - start) / 3
         budget = max(cfg.latency_budget_s, MIN_TIMED_RUNS * per_run * (len(candidates) + 1))
-        return measure(fp32, candidates, feeds, cfg.threads, budget * scale)
+        return measure_decided(fp32, candidates, feeds, self._threads, budget * scale,
+                               cfg.min_speedup if threshold is None else threshold, **rules)
+
+    def _latency_decision(self, label: str, timing: Timing) -> Decision:
+        """The latency decision on the kept (or best) candidate, into the notes: which thread
+        count decided, and whether the interval cleared the threshold or stayed uncertain."""
+        decision = decide(timing, self.config.min_speedup)
+        self.notes["latency_decision"] = {"candidate": label, "threads": self._threads,
+                                          **decision.to_dict()}
+        return decision
 
     # -- inputs --------------------------------------------------------------------------------
 
