@@ -2,7 +2,7 @@
 
 Measured, not predicted: whether INT8 pays depends on the model's size (Quantize/Dequantize cost
 dominates models of tens of microseconds), the CPU and ONNX Runtime's fusions. Candidates and the
-FP32 model run interleaved in one process (:func:`onnxopt.benchmark.benchmark`), and a candidate
+FP32 model run interleaved in one process (:func:`onnxopt.benchmarking.benchmark`), and a candidate
 counts by its *worst* speed-up over the thread counts.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.feeds import Feeds
 
 FP32 = "fp32"
