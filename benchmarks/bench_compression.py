@@ -17,7 +17,7 @@ calibration data and the validation split as the evaluation data its search chec
   target with the highest validation output cosine: what a user with a size limit asks for).
 * Weight sharing alone (``share-weights`` with its defaults, FC 5 bits / Conv 8 bits, on the FP32
   model) must leave latency unchanged: speed-up against FP32 within 0.95-1.05, measured with
-  :func:`onnxopt.benchmark.benchmark` (interleaved blocks, one process). The deep-compressed model
+  :func:`onnxopt.benchmarking.benchmark` (interleaved blocks, one process). The deep-compressed model
   is timed too (ORT decodes its weights once, at session load).
 
 Run: ``.venv/bin/python benchmarks/bench_compression.py [--seeds 0 1 2] [--assign gptq] [--json FILE]``
@@ -38,7 +38,7 @@ from onnxopt.passes.compress.deep_compress import compression_table
 
 from onnxopt import digits
 from onnxopt.api import optimize
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.evaluation import top1_accuracy
 from onnxopt.export import export
 from onnxopt.stats import model_stats

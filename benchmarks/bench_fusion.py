@@ -1,6 +1,6 @@
 """What fusion buys in ONNX Runtime: MiniLM-L6 (seq 128) and light ResNet50, at 1 and 2 threads.
 
-Models compared per architecture, interleaved in one process by ``onnxopt.benchmark``:
+Models compared per architecture, interleaved in one process by ``onnxopt.benchmarking``:
 
 * ``exported``: the model as exported/loaded (ORT applies its own fusions at load, level "all");
 * ``fuse``: after the portable ``cleanup`` + ``fuse`` recipe;
@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runner
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.feeds import synthesize_feeds
 from onnxopt.metrics import compare
 from onnxopt.passes.cleanup import CleanupPass

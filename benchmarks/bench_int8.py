@@ -12,7 +12,7 @@ FP32 model, then the candidates a user would try first and onnxopt's:
   ``onnxopt-int8-without-fuse-transformer`` (what ``fuse-transformer``, and with it QAttention,
   buys inside the recipe).
 
-All candidates and the FP32 model run interleaved in one process (:func:`onnxopt.benchmark.
+All candidates and the FP32 model run interleaved in one process (:func:`onnxopt.benchmarking.
 benchmark`: blocks of runs, untimed settle runs after each switch) at 1 and 2 threads, batch 1.
 Quality is measured on held-out data: top-1 (digits) and the mean per-sample cosine against FP32
 (and, for MiniLM, against PyTorch). MiniLM's inputs are real sentences (the first paragraphs
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/models.py
 import models  # noqa: E402
 
 import onnxopt  # noqa: E402
-from onnxopt.benchmark import benchmark  # noqa: E402
+from onnxopt.benchmarking import benchmark  # noqa: E402
 from onnxopt.errors import QualityGateError  # noqa: E402
 from onnxopt.evaluation import run_batched, session_for  # noqa: E402
 

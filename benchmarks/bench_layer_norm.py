@@ -10,7 +10,7 @@ hidden], written three ways:
 * ``split``: the same after :func:`onnxopt.passes.fusion._layer_norms.split_layer_norm_rules`
   (``Add(x, bias)``, ``Sum`` with ``skip``, ``LayerNormalization``), which ORT leaves alone.
 
-Timed with :func:`onnxopt.benchmark.benchmark` (interleaved, one process), ORT optimizations
+Timed with :func:`onnxopt.benchmarking.benchmark` (interleaved, one process), ORT optimizations
 "all". Run: ``.venv/bin/python benchmarks/bench_layer_norm.py [--hidden 256 384 768 1024]
 [--rows 128] [--budget 2]`` (about a minute).
 """
@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnxopt import runner
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.passes.fusion._layer_norms import split_layer_norm_rules
 
 VARIANTS = ("skip-layer-norm", "add-layer-norm", "split")

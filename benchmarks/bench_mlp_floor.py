@@ -1,7 +1,7 @@
 """Where a digits MLP's INT8 time goes: why 1.75x over FP32 at 2 threads is out of reach here.
 
 The issue-3 MLPs (784-256-128-10) run in about 13 µs in FP32. This times, interleaved in one
-process at 1 and 2 threads (:func:`onnxopt.benchmark.benchmark`, ORT optimizations "all"):
+process at 1 and 2 threads (:func:`onnxopt.benchmarking.benchmark`, ORT optimizations "all"):
 
 * ``fp32`` (the reference) and ``int8``, the ``int8`` recipe's model;
 * ``empty``: an Identity on the same input, the floor every ``session.run`` pays;
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8.py, model
 import bench_int8  # noqa: E402
 
 import onnxopt  # noqa: E402
-from onnxopt.benchmark import benchmark  # noqa: E402
+from onnxopt.benchmarking import benchmark  # noqa: E402
 
 
 def as_runtime_runs_it(path: Path, out: Path) -> onnx.ModelProto:

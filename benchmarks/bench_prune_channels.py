@@ -1,7 +1,7 @@
 """Channel pruning benchmark: does ``prune-channels`` make real models faster, and at what cost?
 
 Three models, each pruned through the built-in ``prune-channels`` recipe (cleanup -> fuse ->
-prune-channels) and timed against its unpruned export with :func:`onnxopt.benchmark.benchmark`
+prune-channels) and timed against its unpruned export with :func:`onnxopt.benchmarking.benchmark`
 (interleaved, one process):
 
 * ``cnn``: the wider digits CNN (Conv64-BN-ReLU-Pool, Conv128-BN-ReLU-Pool, FC256, FC10) trained
@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from onnxopt import evaluation  # noqa: E402
 from onnxopt.api import optimize  # noqa: E402
-from onnxopt.benchmark import benchmark  # noqa: E402
+from onnxopt.benchmarking import benchmark  # noqa: E402
 from onnxopt.metrics import compare  # noqa: E402
 from onnxopt.stats import node_macs  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""How the interleaving scheme of ``onnxopt.benchmark`` distorts latency, on two identical models.
+"""How the interleaving scheme of ``onnxopt.benchmarking`` distorts latency, on two identical models.
 
 The true speed-up of a model over an identical copy is 1.0 and its latency is what it shows when
 it runs alone. Table 1 measures both under four schemes (single-run alternation A B A B versus
@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import runner
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.feeds import synthesize_feeds
 
 SCHEMES = {

@@ -3,7 +3,7 @@
 Every distinct file (by content hash) is measured once, so a pass that changed nothing costs
 nothing and shares its figures with the step before it.
 
-Latency: :func:`onnxopt.benchmark.benchmark` runs the FP32 file and the candidates interleaved in
+Latency: :func:`onnxopt.benchmarking.benchmark` runs the FP32 file and the candidates interleaved in
 one process; every group starts with the FP32 file, so every speed-up is against FP32 measured in
 the same run. Big models are split into groups whose files fit a memory budget (all sessions of a
 group are alive at once).
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxopt import metrics
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.evaluation import run_batched, session_for
 from onnxopt.stats import model_stats
 
@@ -102,7 +102,7 @@ def measure_latency(group: list[Measured], feeds: dict[str, np.ndarray], *, thre
 
     ``keep_first``: leave the FP32 member's figures as they are (set by an earlier group).
 
-    Returns the raw :class:`onnxopt.benchmark.BenchmarkResult` document, machine record dropped
+    Returns the raw :class:`onnxopt.benchmarking.BenchmarkResult` document, machine record dropped
     (the results document has it once).
     """
     result = benchmark(

@@ -93,8 +93,8 @@ def _calibration_batches(calibration: Iterable[Feeds] | str | Path | None, model
 
 
 def benchmark(models: list[ModelLike], **kwargs: Any) -> Any:
-    """Interleaved ONNX Runtime latency comparison; see :func:`onnxopt.benchmark.benchmark`."""
-    from onnxopt.benchmark import benchmark as _benchmark
+    """Interleaved ONNX Runtime latency comparison; see :func:`onnxopt.benchmarking.benchmark`."""
+    from onnxopt.benchmarking import benchmark as _benchmark
 
     return _benchmark([load(m) if not isinstance(m, (str, Path)) else m for m in models], **kwargs)
 

@@ -227,8 +227,8 @@ def bench(
 ) -> None:
     """Latency percentiles, memory and speed-ups, measured interleaved in one process (with
     --target: on a board over ssh, or emulated aarch64, one runner process per row)."""
-    from onnxopt.benchmark import benchmark as run_benchmark
-    from onnxopt.benchmark import compare_to_baseline
+    from onnxopt.benchmarking import benchmark as run_benchmark
+    from onnxopt.benchmarking import compare_to_baseline
     from onnxopt.feeds import parse_shape_overrides
     from onnxopt.model_io import write_bytes_atomic
     from onnxopt.targets import benchmark_on_target, parse_target

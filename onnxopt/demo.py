@@ -4,7 +4,7 @@ The two models of the original design, a PyTorch MLP 784-128-64-10 and a Keras M
 (ReLU), are trained on scikit-learn's digits at 28x28, exported with :func:`onnxopt.export.export`
 and run through the ``default`` recipe, whatever passes it holds today, and through ``int8`` when
 a pass module has registered it. Accuracy is measured on the held-out test split, latency with
-:func:`onnxopt.benchmark.benchmark` (interleaved, batch 1, 1 and 2 threads). ``out_dir`` receives
+:func:`onnxopt.benchmarking.benchmark` (interleaved, batch 1, 1 and 2 threads). ``out_dir`` receives
 ``report.md``, ``report.json``, ``report.html`` (the page ``onnxopt report`` renders, when
 matplotlib is installed) and every ONNX file, each written atomically.
 """
@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from onnxopt import runner
 from onnxopt.api import optimize
-from onnxopt.benchmark import BenchmarkResult, benchmark
+from onnxopt.benchmarking import BenchmarkResult, benchmark
 from onnxopt.digits import DigitsData, load_digits_28, train_keras_mlp, train_torch_mlp
 from onnxopt.errors import InputError
 from onnxopt.evaluation import fidelity, predict, top1_accuracy

@@ -616,7 +616,7 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 class TargetBenchResult:
     """Rows of runner measurements on a target, one per model and thread count.
 
-    Unlike the local :func:`onnxopt.benchmark.benchmark`, each row comes from its own runner
+    Unlike the local :func:`onnxopt.benchmarking.benchmark`, each row comes from its own runner
     process (a board cannot host the interleaved comparison), so speed-ups between rows carry
     the process-to-process drift; on an emulated target they mean nothing at all.
     """

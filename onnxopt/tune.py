@@ -9,7 +9,7 @@ application wanted; the arena keeps peak memory high), so ``tune`` measures inst
 The search is coordinate descent, one setting at a time, in the order they tend to matter:
 intra-op threads, then sequential vs parallel execution (with inter-op threads), then thread
 spinning, then the memory arena and memory pattern. Each stage measures its candidates and the
-current best *interleaved in one process* (:func:`onnxopt.benchmark.measure_interleaved`), and a
+current best *interleaved in one process* (:func:`onnxopt.benchmarking.measure_interleaved`), and a
 candidate replaces the best only when it is faster with 95% confidence (the lower end of its
 speed-up interval above 1) by at least ``min_gain``: noise never changes the answer, so a
 machine where nothing helps gets ORT's defaults back. With ``objective="memory"``, every
@@ -20,7 +20,7 @@ gain; if that run does not confirm the choice as surely faster, ORT's defaults a
 
 The result is a session configuration document (:data:`onnxopt.runner.SESSION_CONFIG_SCHEMA`)
 that ``onnxopt bench --session-config``, ``runner.py --session-config`` and
-``onnxopt.benchmark.benchmark(session_config=...)`` accept; it also records what was tried.
+``onnxopt.benchmarking.benchmark(session_config=...)`` accept; it also records what was tried.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runner
-from onnxopt.benchmark import THREADED_BLOCK_S, THREADED_SETTLE_S, measure_interleaved
+from onnxopt.benchmarking import THREADED_BLOCK_S, THREADED_SETTLE_S, measure_interleaved
 from onnxopt.errors import InputError
 from onnxopt.feeds import load_feeds, synthesize_feeds
 from onnxopt.model_io import load_model, one_line, save_model

@@ -36,7 +36,7 @@ from onnxopt import isolation
 # typer builds its commands through pydantic on first use) rather than in every child. A module
 # that fails to import is skipped by multiprocessing.
 isolation.PRELOAD[:] = sorted({*isolation.PRELOAD, "onnxopt.api", "onnxopt.passes",
-                               "onnxopt.benchmark", "onnxruntime.tools.symbolic_shape_infer",
+                               "onnxopt.benchmarking", "onnxruntime.tools.symbolic_shape_infer",
                                "typer._adapters", "rich._emoji_codes"})
 CASE_TIMEOUT_S = 120.0
 # onnxopt's limit on one inference (isolation.RUN_TIME_LIMIT_S, 600 s) lowered for the corpus,

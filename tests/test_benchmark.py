@@ -13,7 +13,7 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
-from onnxopt.benchmark import (
+from onnxopt.benchmarking import (
     MIN_BLOCK_RUNS,
     MIN_SETTLE_RUNS,
     SCHEMA_VERSION,

@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxopt import runner
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.errors import InputError
 from onnxopt.targets import (
     LocalTarget,

@@ -3,7 +3,7 @@
 Measured, not predicted: whether INT8 pays depends on the model's size (Quantize/Dequantize cost
 dominates models of tens of microseconds), the CPU and ONNX Runtime's fusions. Candidates and the
 reference run interleaved in blocks with settle runs, in one process
-(:func:`onnxopt.benchmark.benchmark`).
+(:func:`onnxopt.benchmarking.benchmark`).
 
 Decisions need a clear answer, not one noisy reading: in ``make demo`` one 2-thread reading of
 the MLP's INT8 graph gave 0.92x (95% interval 0.906-1.266) against a threshold of 1.05x, while
@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxopt.benchmark import benchmark
+from onnxopt.benchmarking import benchmark
 from onnxopt.feeds import Feeds
 
 FP32 = "fp32"
