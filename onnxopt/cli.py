@@ -1,15 +1,18 @@
 """The ``onnxopt`` command line: export, inspect, optimize, bench, tune, split, report,
 list-passes, demo.
 
-Exit codes: 0 success, 1 a quality gate not met (verification, accuracy budget, regression),
-2 bad input. Errors are one line naming the file and the problem; ``--debug`` (anywhere on the
-command line) shows the traceback instead.
+Exit codes (docs/cli-exit-codes.md): 0 success, 1 a quality gate not met (verification, accuracy
+budget, regression), 2 bad input (including a file that cannot be written), 3 an internal
+limitation or bug (a pass that cannot handle a valid model). Errors are one line naming the file
+or pass and the problem; ``--debug`` (anywhere on the command line) shows the traceback too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import traceback
@@ -21,13 +24,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxopt.errors import InputError, OnnxoptError, QualityGateError
+from onnxopt.errors import InputError, InternalError, OnnxoptError, QualityGateError, write_error
 
 app = typer.Typer(
     help="Export, optimize and measure neural networks as ONNX; every pass verified.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    epilog="Exit codes: 0 success; 1 a quality gate not met (verification, accuracy budget, "
+    "regression); 2 bad input (a file, option or value; also a path that cannot be written); "
+    "3 an internal limitation or bug (names the pass; rerun with --debug for the traceback); "
+    "128+N stopped by signal N.",
 )
 console = Console(stderr=True)
 out = Console()
@@ -149,10 +156,11 @@ def optimize(
 
     budget = parse_size(max_memory) if max_memory is not None else None
     thread_counts = _parse_threads(threads) if threads else None
+    _check_destinations(output, report, checkpoints)
     source = load(model)
     overrides = _parse_settings(settings)
     if max_drop is not None:
-        overrides["max_drop"] = max_drop
+        overrides["max_drop"] = _finite(max_drop, "--max-drop", low=0.0)
     evaluation = None
     if eval_data is not None:
         arrays = load_npz(eval_data)
@@ -172,14 +180,12 @@ def optimize(
         except QualityGateError as exc:
             partial = getattr(exc, "partial", None)
             if partial is not None:  # the best candidate is saved even when the budget is missed
-                save_model(partial[0], output, protect=None if force else model)
-                if report is not None:
-                    _write_report(report, partial[1])
+                with _staged_report(report, partial[1]):
+                    save_model(partial[0], output, protect=None if force else model)
                 console.print(f"wrote best candidate to {output}")
             raise
-    save_model(result, output, protect=None if force else model)
-    if report is not None:
-        _write_report(report, rep)
+    with _staged_report(report, rep):  # the report is written first: a full disk stops both
+        save_model(result, output, protect=None if force else model)
     before, after = rep.before, rep.after
     for record in rep.passes:  # e.g. a search that kept the model unchanged says so here
         warning = record.notes.get("warning")
@@ -192,11 +198,33 @@ def optimize(
         f"{before['nodes']} -> {after['nodes']} nodes")
 
 
-def _write_report(folder: Path, rep: Any) -> None:
-    from onnxopt.model_io import write_bytes_atomic
+def _staged_report(folder: Optional[Path], rep: Any) -> contextlib.AbstractContextManager[Any]:
+    """report.json and report.md staged beside ``folder`` on entry, moved in when the block
+    (writing the model) succeeds: never a model without its report, nor half a report folder."""
+    from onnxopt.model_io import staged_folder
 
-    write_bytes_atomic(rep.to_json().encode(), folder / "report.json")
-    write_bytes_atomic(rep.to_markdown().encode(), folder / "report.md")
+    if folder is None:
+        return contextlib.nullcontext()
+    return staged_folder(folder, {"report.json": rep.to_json().encode(),
+                                  "report.md": rep.to_markdown().encode()})
+
+
+def _check_destinations(output: Path, report: Optional[Path], checkpoints: Optional[Path]) -> None:
+    """Reliability: an unwritable -o, --report or --checkpoints fails before minutes of work."""
+    from onnxopt.model_io import check_writable
+
+    check_writable(output)
+    for folder in (report, checkpoints):
+        if folder is not None:
+            check_writable(folder, folder=True)
+
+
+def _finite(value: float, option: str, *, low: float | None = None) -> float:
+    """``value`` when it is a finite number not below ``low``; else a one-line InputError."""
+    if not math.isfinite(value) or (low is not None and value < low):
+        bound = f" >= {low:g}" if low is not None else ""
+        raise InputError(f"bad {option} {value!r}: expected a finite number{bound}")
+    return value
 
 
 @app.command()
@@ -464,10 +492,7 @@ def _run(args: list[str], debug: bool, received: list[int]) -> int:
     try:
         code = app(args=args, prog_name="onnxopt", standalone_mode=False)
     except OnnxoptError as exc:
-        if debug:
-            traceback.print_exc()
-        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report_error(exc, debug)
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -477,9 +502,28 @@ def _run(args: list[str], debug: bool, received: list[int]) -> int:
         if show is not None:
             show()
         return getattr(exc, "exit_code", 2) or 2
+    except OSError as exc:  # reliability: a write or read the command did not wrap itself
+        return _report_error(write_error(exc, exc.filename) if exc.filename else
+                             InputError(exc.strerror or str(exc)), debug)
+    except MemoryError as exc:
+        return _report_error(InternalError(
+            f"out of memory ({exc or 'allocation failed'}); try --max-memory or smaller "
+            "inputs"), debug)
+    except Exception as exc:  # reliability: a bug is one line and exit 3, not a traceback
+        return _report_error(InternalError(
+            f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            "rerun with --debug for the traceback"), debug)
     if received:  # typer turns a KeyboardInterrupt into a returned exit code 130
         return _interrupted(received)
     return code if isinstance(code, int) else 0
+
+
+def _report_error(exc: OnnxoptError, debug: bool) -> int:
+    """One ``error:`` line (the traceback before it under ``--debug``); the exit code."""
+    if debug:
+        traceback.print_exc()
+    console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    return exc.exit_code
 
 
 def _interrupted(received: list[int]) -> int:

@@ -1,8 +1,11 @@
 """Error types, and the exit codes the CLI maps them to.
 
 Every error the user can cause is an :class:`InputError` (exit 2) with a one-line message that names
-the file and the problem. A quality gate that is not met (verification, accuracy budget) is a
-:class:`QualityGateError` (exit 1). Anything else is a bug and shows its traceback.
+the file and the problem; a file that cannot be written (read-only folder, disk full) is one too. A
+quality gate that is not met (verification, accuracy budget) is a :class:`QualityGateError` (exit 1).
+A pass that fails on a valid model is an :class:`InternalError` (exit 3): onnxopt's limitation or
+bug, not the user's input; the CLI prints it (and any other unexpected exception) as one line, with
+the traceback only under ``--debug``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ class InputError(OnnxoptError):
     """Bad input: a missing or malformed file, a wrong recipe, feeds that do not fit the model."""
 
     exit_code = 2
+
+
+class InternalError(OnnxoptError):
+    """onnxopt could not handle a valid input: a pass's limitation or a bug (exit 3)."""
+
+    exit_code = 3
+
+
+def write_error(exc: OSError, path: str | Path) -> InputError:
+    """A failure to write ``path`` as one line naming it and the cause (``No space left on
+    device``, ``Read-only file system``, ``Is a directory``)."""
+    cause = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    return InputError(f"cannot write: {cause}", path)
 
 
 class QualityGateError(OnnxoptError):

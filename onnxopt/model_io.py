@@ -2,16 +2,19 @@
 
 Loading checks what a user can get wrong (missing path, not ONNX, truncated, dangling inputs, cycles)
 and turns each into a one-line :class:`~onnxopt.errors.InputError`. Writing goes to a temporary file
-in the destination folder and is renamed into place, so a crash never leaves half a model behind.
+in the destination folder and is renamed into place, so a crash never leaves half a model behind; a
+write that fails (read-only folder, disk full, a folder where a file goes) is an InputError naming
+the destination and the cause, with the temporary file removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import onnx
@@ -19,7 +22,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxopt import safety
-from onnxopt.errors import InputError
+from onnxopt.errors import InputError, write_error
 from onnxopt.isolation import deferred_signals, removed_on_forced_exit
 from onnxopt.provenance import SOURCE_PATH_KEY
 
@@ -191,40 +194,121 @@ def save_model(
     path = Path(path)
     if protect is not None and _same_file(path, protect):
         raise InputError("refusing to overwrite the input model (pass --force to allow it)", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
     model = to_ir(model)
     external = needs_external_data(model)
     data_name = path.name + ".data"
-    with _staging_dir(path.parent) as staging:
-        staged = staging / path.name
-        if external:
-            # Tensors stream one at a time from their memory maps into the new file; offsets
-            # aligned to 64 KiB let ONNX Runtime memory-map them in turn instead of copying.
-            ir.save(model, staged, external_data=data_name, alignment=EXTERNAL_DATA_ALIGNMENT)
-        else:
-            ir.save(model, staged)
-        with deferred_signals():  # reliability: both renames or neither, never a model alone
+    try:
+        with _parents_made(path.parent), _staging_dir(path.parent) as staging:
+            staged = staging / path.name
             if external:
-                os.replace(staging / data_name, path.parent / data_name)
-            os.replace(staged, path)
+                # Tensors stream one at a time from their memory maps into the new file; offsets
+                # aligned to 64 KiB let ONNX Runtime memory-map them in turn instead of copying.
+                ir.save(model, staged, external_data=data_name, alignment=EXTERNAL_DATA_ALIGNMENT)
+            else:
+                ir.save(model, staged)
+            with deferred_signals():  # reliability: both renames or neither, never a model alone
+                if external:
+                    os.replace(staging / data_name, path.parent / data_name)
+                os.replace(staged, path)
+    except OSError as exc:  # the staging folder (and what it held) is gone already
+        raise write_error(exc, path) from exc
     return path
 
 
 def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     """Write any artifact (JSON, Markdown) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_writable(path)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        with _parents_made(path.parent):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts: the usual mode
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+    except OSError as exc:
+        raise write_error(exc, path) from exc
     return path
+
+
+@contextlib.contextmanager
+def _parents_made(folder: Path) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove the ones made here if the block fails
+    (a failed write leaves no empty folders behind either)."""
+    missing = []
+    here = folder
+    while not here.exists() and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+
+
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """Refuse, before any work, a destination that cannot be written: a folder where a file
+    goes (or a file where a folder goes), a read-only file system, no permission.
+
+    Disk full cannot be foreseen; the writers turn it into the same kind of one-line error.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise InputError("is a file, expected a folder", path)
+    if not folder and path.is_dir():
+        raise InputError("is a directory, expected a file path", path)
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write: {existing} is not a folder", path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        code = errno.EROFS if read_only else errno.EACCES
+        raise InputError(f"cannot write: {os.strerror(code)}", path)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path, files: Mapping[str, bytes]) -> Iterator[Path]:
+    """Write ``files`` into ``folder`` all together or not at all (a report's JSON and Markdown).
+
+    They are written on entry into a temporary folder beside ``folder`` (so a full disk fails
+    here, before the block runs, e.g. before the model is written) and moved into ``folder`` when
+    the block ends without an exception; otherwise the temporary folder is removed.
+    """
+    folder = Path(folder)
+    check_writable(folder, folder=True)
+    with contextlib.ExitStack() as stack:
+        name = ""
+        try:
+            stack.enter_context(_parents_made(folder.parent))
+            staging = stack.enter_context(_staging_dir(folder.parent))
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+        except OSError as exc:
+            raise write_error(exc, folder / name) from exc
+        yield folder
+        try:
+            with deferred_signals():
+                if not folder.exists():
+                    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
+                    os.rename(staging, folder)
+                    staging.mkdir()  # left for _staging_dir to remove
+                else:
+                    for name in files:
+                        os.replace(staging / name, folder / name)
+        except OSError as exc:
+            raise write_error(exc, folder) from exc
 
 
 def _umask() -> int:
