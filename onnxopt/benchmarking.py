@@ -625,6 +625,25 @@ def _measure_memory(entries: list[_Entry], feeds: Feeds, threads: int, opt_level
     return memory
 
 
+def check_benchmark_document(doc: Any, label: str = "baseline",
+                             path: str | Path | None = None) -> None:
+    """Refuse, naming ``path``, what is not a :meth:`BenchmarkResult.to_dict` document (a JSON
+    list, another schema, rows without model and threads) before anything reads it."""
+    if not isinstance(doc, Mapping):
+        raise InputError(f"{label} results are not an onnxopt benchmark document (a JSON "
+                         f"{type(doc).__name__}, expected an object)", path)
+    rows = doc.get("rows")
+    if doc.get("schema_version") != SCHEMA_VERSION or not isinstance(rows, list):
+        raise InputError(f"{label} results are not an onnxopt benchmark document "
+                         f"(schema_version {doc.get('schema_version')!r}, "
+                         f"expected {SCHEMA_VERSION}, and a list of rows)", path)
+    models = doc.get("models") or [{}]
+    if (not isinstance(models, list) or not all(isinstance(m, Mapping) for m in models)
+            or not all(isinstance(r, Mapping) and {"model", "threads"} <= set(r) for r in rows)):
+        raise InputError(f"{label} results have malformed models or rows (each row needs "
+                         "'model' and 'threads')", path)
+
+
 def compare_to_baseline(new: Mapping[str, Any], old: Mapping[str, Any],
                         max_regression: float) -> list[str]:
     """Regressions of ``new`` against ``old`` (both :meth:`BenchmarkResult.to_dict` documents).
@@ -637,10 +656,7 @@ def compare_to_baseline(new: Mapping[str, Any], old: Mapping[str, Any],
     if not 0 <= max_regression < 1:
         raise InputError(f"max_regression must be in [0, 1), got {max_regression}")
     for label, doc in (("new", new), ("baseline", old)):
-        if doc.get("schema_version") != SCHEMA_VERSION or "rows" not in doc:
-            raise InputError(f"{label} results are not an onnxopt benchmark document "
-                             f"(schema_version {doc.get('schema_version')!r}, "
-                             f"expected {SCHEMA_VERSION})")
+        check_benchmark_document(doc, label)
     problems = []
     ref_new = (new.get("models") or [{}])[0].get("name")
     ref_old = (old.get("models") or [{}])[0].get("name")

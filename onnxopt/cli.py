@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import traceback
@@ -61,13 +62,22 @@ def _progress() -> Progress:
                     console=console, transient=True, disable=not console.is_terminal)
 
 
-def _parse_threads(text: str) -> list[int]:
+def _parse_threads(text: str, *, local: bool = True) -> list[int]:
+    """``1,2`` -> [1, 2]. Locally, counts above the usable cores are capped with a warning:
+    999 threads spinning on 2 cores would measure nothing but contention, for hours."""
     try:
         threads = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         threads = []
     if not threads or min(threads) < 1:
         raise InputError(f"bad --threads '{text}': expected a list like 1,2")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
+    if local and max(threads) > cores:
+        console.print(f"warning: --threads {text}: this machine has {cores} usable core(s); "
+                      f"capping each count at {cores}", markup=False, highlight=False,
+                      soft_wrap=True)
+        threads = list(dict.fromkeys(min(t, cores) for t in threads))
     return threads
 
 
@@ -256,14 +266,20 @@ def bench(
     """Latency percentiles, memory and speed-ups, measured interleaved in one process (with
     --target: on a board over ssh, or emulated aarch64, one runner process per row)."""
     from onnxopt.benchmarking import benchmark as run_benchmark
-    from onnxopt.benchmarking import compare_to_baseline
+    from onnxopt.benchmarking import check_benchmark_document, compare_to_baseline
     from onnxopt.feeds import parse_shape_overrides
     from onnxopt.model_io import write_bytes_atomic
     from onnxopt.targets import benchmark_on_target, parse_target
 
     # Read the baseline first: a bad --baseline fails before minutes of measuring.
     old = _read_json(baseline) if baseline is not None else None
+    if old is not None:
+        check_benchmark_document(old, "--baseline", baseline)
     allowed = _parse_fraction(max_regression, "--max-regression")
+    if json_path is not None:
+        from onnxopt.model_io import check_writable
+
+        check_writable(json_path)  # before minutes of measuring, not after
     _check_benchmarkable(models, inputs, parse_shape_overrides(shape))
     where = parse_target(target, ssh_options=ssh_option or (), bootstrap=bootstrap,
                          python=remote_python)
@@ -283,8 +299,9 @@ def bench(
                 shapes=parse_shape_overrides(shape), names=[str(m) for m in models],
                 session_config=session_config, progress=on_progress)
         else:  # one runner process per model and thread count on the target
+            counts = _parse_threads(threads, local=where.kind != "ssh") if threads else None
             result = benchmark_on_target(
-                where, models, threads=_parse_threads(threads) if threads else None, feeds=inputs,
+                where, models, threads=counts, feeds=inputs,
                 shapes=parse_shape_overrides(shape), session_config=config, progress=on_progress)
             for note in result.notes:
                 console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
@@ -312,9 +329,9 @@ def _check_benchmarkable(models: list[Path], inputs: Optional[Path],
     from onnxopt.model_io import load_model
     from onnxopt.safety import check_feedable
 
-    for i, path in enumerate(models):
+    for path in models:
         model = load_model(path, upgrade=False)  # hostile files are refused here
-        if inputs is None and i == 0:
+        if inputs is None:  # every model: each is run once below on its own synthesized inputs
             check_feedable(model, shapes, batch=1, path=path)
         try:
             session = runner.create_session(str(path), threads=1, opt_level="disabled")

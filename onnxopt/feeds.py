@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from onnxopt import runner
 from onnxopt.errors import InputError
+from onnxopt.provenance import SOURCE_PATH_KEY
 
 Feeds = dict[str, np.ndarray]
 
@@ -65,7 +66,10 @@ def synthesize_feeds(
     (masks are ones, token types zeros, ...) live in the self-contained runner, so a board
     running the runner alone synthesizes the same inputs.
     """
-    return runner.synthesize_arrays(input_specs(model), batch=batch, shapes=shapes, seed=seed)
+    try:
+        return runner.synthesize_arrays(input_specs(model), batch=batch, shapes=shapes, seed=seed)
+    except runner.RunnerError as exc:  # e.g. a shape too large to allocate
+        raise InputError(str(exc), model.meta.get(SOURCE_PATH_KEY)) from exc
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

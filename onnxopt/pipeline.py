@@ -23,7 +23,13 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import activations, metrics, provenance, runner, safety
-from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
+from onnxopt.errors import (
+    InputError,
+    InternalError,
+    OnnxoptError,
+    QualityGateError,
+    VerificationError,
+)
 from onnxopt.feeds import Feeds, synthesize_feeds
 from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
 from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, better_as_file, check_proto,
@@ -162,7 +168,7 @@ class Pipeline:
                 except OnnxoptError:
                     raise
                 except ir.passes.PassError as exc:
-                    raise OnnxoptError(f"pass '{step.name}' failed: {exc}") from exc
+                    raise InternalError(f"pass '{step.name}' failed: {exc}") from exc
                 except Exception as exc:  # reliability: see _unexpected
                     raise _unexpected(step.name, exc) from exc
                 seconds = time.perf_counter() - start
@@ -199,11 +205,12 @@ class Pipeline:
         return model, OptimizationReport(self.name, before, after, records, needs_ort, origin)
 
 
-def _unexpected(pass_name: str, exc: Exception) -> InputError:
+def _unexpected(pass_name: str, exc: Exception) -> InternalError:
     """A pass that fails with an unexpected exception met a model it does not handle (fuzzing
-    finds these: malformed or unusual graphs that pass the checker). The user gets one line with
-    the pass and the cause; ``--debug`` shows the traceback for a bug report."""
-    return InputError(f"pass '{pass_name}' cannot handle this model ({type(exc).__name__}: "
+    finds these: malformed or unusual graphs that pass the checker). That is the pass's
+    limitation, not bad input: exit 3, one line with the pass and the cause; ``--debug`` shows
+    the traceback for a bug report."""
+    return InternalError(f"pass '{pass_name}' cannot handle this model ({type(exc).__name__}: "
                       f"{one_line(exc)}); rerun with --debug for the traceback")
 
 
@@ -256,7 +263,7 @@ def _check_written(frozen: Frozen, pass_name: str) -> None:
     try:
         check_proto(frozen)  # bytes as they are: a parsed copy would cost the model's size again
     except InputError as exc:
-        raise OnnxoptError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
+        raise InternalError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
 
 
 def _run_all(frozen: Frozen, feeds: list[Feeds], what: str) -> list[dict[str, np.ndarray]]:
@@ -267,7 +274,9 @@ def _run_all(frozen: Frozen, feeds: list[Feeds], what: str) -> list[dict[str, np
     except RunTimeLimit as exc:
         raise InputError(f"{what}: {exc}") from exc
     except Exception as exc:  # ORT raises its own exception types for load and run failures
-        raise InputError(f"{what} does not run in ONNX Runtime: {one_line(exc)}") from exc
+        # the input model is the user's; a pass's output that ORT refuses is the pass's fault
+        error = InputError if what == "the input model" else InternalError
+        raise error(f"{what} does not run in ONNX Runtime: {one_line(exc)}") from exc
 
 
 def _bounded(session: Any, feeds: Feeds) -> dict[str, np.ndarray]:

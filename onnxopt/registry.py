@@ -7,6 +7,7 @@ passes and options as plain data (TOML, JSON, dict), and validates them with one
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -112,6 +113,7 @@ def make_config(cls: type[OptPass], options: Mapping[str, Any]) -> Any:
             known = ", ".join(fields) or "none"
             raise InputError(f"pass '{cls.name}' has no option '{key}' (options: {known})")
         values[field_name] = _coerce(cls.name, key, value, hints[field_name])
+        _check_range(cls.name, key, values[field_name], fields[field_name].metadata)
     try:
         return cls.Config(**values)
     except (TypeError, ValueError) as exc:
@@ -129,11 +131,34 @@ def config_fields(cls: type[OptPass]) -> list[tuple[str, str, Any, str]]:
     return rows
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a description that doubles as CLI and README help."""
+def option(default: Any, help: str, *, min: float | None = None,  # noqa: A002
+           max: float | None = None) -> Any:  # noqa: A002
+    """A dataclass field with a description that doubles as CLI and README help.
+
+    ``min``/``max`` bound a numeric option (inclusive); without ``min`` a number must still be
+    finite and not negative (no count, fraction, budget or tolerance here means anything below 0).
+    """
+    metadata = {"help": help, "min": min, "max": max}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _check_range(pass_name: str, key: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    """Reliability: NaN, infinities and out-of-range numbers are refused naming the option,
+    before a pass runs on them (``candidates = -3`` would search nothing, NaN compares false)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low = metadata.get("min")
+    low = 0 if low is None else low
+    high = metadata.get("max")
+    problem = None
+    if not math.isfinite(value):
+        problem = "a finite number"
+    elif value < low or (high is not None and value > high):
+        problem = f"a number in [{low:g}, {high:g}]" if high is not None else f"a number >= {low:g}"
+    if problem is not None:
+        raise InputError(f"pass '{pass_name}' option '{key}' expects {problem}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:

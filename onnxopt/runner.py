@@ -611,6 +611,9 @@ class RunnerError(Exception):
     """A mistake in the runner's arguments or files; the script prints it as one line, exit 2."""
 
 
+# Reliability: a synthesized input above this many elements is refused before numpy is asked
+# for it (a declared 10**6 x 10**6 input would be 7.28 TiB); onnxopt.safety uses the same bound.
+MAX_SYNTHESIZED_ELEMENTS = 1 << 28
 _INT_HIGH = 100  # integer inputs (token ids, indices) get values in [0, 100) unless named *mask*
 _ORT_DTYPES: dict[str, type] = {
     "tensor(float)": np.float32,
@@ -694,6 +697,12 @@ def synthesize_arrays(
                     shape.append(int(shapes[d][0]))
                 else:
                     shape.append(batch if axis == 0 else 1)
+        count = math.prod(shape)
+        if count > MAX_SYNTHESIZED_ELEMENTS:
+            raise RunnerError(
+                f"input '{name}' has shape {shape}: {count:,} elements, more than the "
+                f"{MAX_SYNTHESIZED_ELEMENTS:,} inputs are synthesized with; give smaller "
+                "shapes (--shape) or real inputs")
         feeds[name] = _random_array(rng, name, np.dtype(dtype), shape)
     return feeds
 

@@ -35,7 +35,7 @@ from onnxopt.errors import InputError
 
 # Synthesized verification/benchmark inputs above this many elements per input are refused: a
 # declared dim of 2**31 would otherwise ask numpy for tens of GiB. 2**28 float32 = 1 GiB.
-MAX_SYNTHESIZED_ELEMENTS = 1 << 28
+MAX_SYNTHESIZED_ELEMENTS = 1 << 28  # runner.py (which ships alone) holds the same bound
 _VALID_ELEM_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != 0)
 
 

@@ -117,7 +117,11 @@ def _from_factory(spec: str, example_inputs: Any) -> Source:
             raise InputError(f"module '{module_name}' has no attribute '{attr}'", spec) from exc
     if not callable(target):
         raise InputError(f"'{attr}' is a {type(target).__name__}, not a callable factory", spec)
-    result = target()
+    try:
+        result = target()
+    except Exception as exc:  # the user's code: its error in one line, exit 2 (--debug: traceback)
+        message = " ".join(str(exc).split())[:300] or "no message"
+        raise InputError(f"the factory raised {type(exc).__name__}: {message}", spec) from exc
     factory_examples = None
     if isinstance(result, tuple):
         if len(result) != 2:

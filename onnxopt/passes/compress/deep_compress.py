@@ -63,22 +63,23 @@ class DeepCompressConfig:
         0.5, "Largest top-1 accuracy drop, in percentage points, on the evaluation data.")
     min_cosine: float = option(
         0.99, "Smallest mean per-sample cosine between the outputs and those of the model "
-        "received, on the evaluation data (the budget without labels, a guard with them).")
+        "received, on the evaluation data (the budget without labels, a guard with them).",
+        max=1)
     max_flips: float = option(
         1.0, "With labels: largest share of evaluation samples (percent) whose top-1 prediction "
-        "may change; bounds the drop on data the search did not see.")
+        "may change; bounds the drop on data the search did not see.", max=100)
     keep_fractions: list[float] = option(
         KEEP_FRACTIONS, "Fractions of weights kept that the pruning search tries (global "
         "magnitude), from dense to sparse.")
     bits: list[int] = option([8, 7, 6, 5, 4, 3, 2],
                              "Bit widths the sharing search tries per layer.")
     candidates: int = option(3, "How many of the sparsest pruning candidates (global levels, "
-                             "then the per-layer refinement) go on to the bit search.")
+                             "then the per-layer refinement) go on to the bit search.", min=1)
     refine_steps: int = option(
         4, "Per-layer refinement after the global search: at most this many cuts per layer "
         "(0: global threshold only).")
     refine_factor: float = option(0.75, "Each refinement step keeps this fraction of a layer's "
-                                  "kept weights.")
+                                  "kept weights.", max=1)
     patience: int = option(2, "Pruning levels failing in a row before the pruning search stops.")
     search_layers: int = option(
         12, "The per-layer refinement and the per-layer bit search visit at most this many "
@@ -95,7 +96,7 @@ class DeepCompressConfig:
     min_elements: int = option(0, "Weights with fewer elements are left alone.")
     damp: float = option(1e-3, "Ridge term of the least-squares refits.")
     calibration_rows: int = option(200_000, "Most activation rows per layer the refits read.")
-    iterations: int = option(50, "Most k-means iterations per tensor.")
+    iterations: int = option(50, "Most k-means iterations per tensor.", min=1)
     index_dtype: share_weights.IndexChoice = option(
         "auto", "'auto': UINT2 codes for layers of at most 2 bits (moves the model to opset 25), "
         "UINT4 for at most 4 (opset 21); 'uint4': at most opset 21; 'uint8': the opset is kept.")

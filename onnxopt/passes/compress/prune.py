@@ -33,7 +33,7 @@ from onnxopt.stats import model_stats
 
 @dataclasses.dataclass
 class PruneConfig:
-    sparsity: float = option(0.5, "Fraction of the selected weights set to zero (0 to 1).")
+    sparsity: float = option(0.5, "Fraction of the selected weights set to zero (0 to 1).", max=1)
     scope: Literal["global", "layer"] = option(
         "global", "'global': one magnitude threshold over all selected layers; 'layer': every "
         "layer loses the same fraction.")
@@ -53,7 +53,7 @@ class PruneConfig:
         "(they compress when zipped); 'auto': whichever is smaller per tensor.")
     min_cosine: float = option(
         0.98, "Verification budget: cosine similarity of every output against the unpruned "
-        "model on the verification inputs (0 disables it).")
+        "model on the verification inputs (0 disables it).", max=1)
 
     def __post_init__(self) -> None:
         values = [("sparsity", self.sparsity)] + [

@@ -62,7 +62,7 @@ class ShareWeightsConfig:
     ops: list[str] = option(list(WEIGHT_OPS), "Op types whose constant weight is clustered.")
     min_elements: int = option(256, "Weights with fewer elements are left alone (the codebook "
                                "would not pay for itself).")
-    iterations: int = option(50, "Most k-means (Lloyd) iterations per tensor.")
+    iterations: int = option(50, "Most k-means (Lloyd) iterations per tensor.", min=1)
     refit: bool = option(True, "Refit centroids and biases by least squares on the calibration "
                          "data (the assignment fixed).")
     damp: float = option(1e-3, "Ridge term of the centroid refit, relative to its mean diagonal.")
@@ -81,7 +81,7 @@ class ShareWeightsConfig:
         "opset 21, for older ONNX Runtimes; 'uint8': always UINT8 and the opset is left as it is.")
     min_cosine: float = option(
         0.98, "Verification budget: cosine similarity of every output against the model "
-        "received, on the verification inputs (0 disables it).")
+        "received, on the verification inputs (0 disables it).", max=1)
 
     def __post_init__(self) -> None:
         for name, bits in [("conv_bits", self.conv_bits), ("fc_bits", self.fc_bits),

@@ -61,7 +61,7 @@ class Fp16Config:
         MAX_CAST_ERROR, "Largest relative RMS error of storing an activation in float16, measured on the "
         "calibration (else verification) inputs in float32; nodes producing or reading a tensor "
         "above it (overflow, underflow) stay float32. Rounding alone gives 2.8e-4. 0: no check.")
-    range_batches: int = option(2, "Most input batches the range check runs.")
+    range_batches: int = option(2, "Most input batches the range check runs.", min=1)
 
 
 @register

@@ -150,7 +150,8 @@ def _why_not_foldable(producer: ir.Node, bn: ir.Node) -> str:
 class FuseConfig:
     skip: list[str] = option(
         [], "Rule names not to apply (the report's notes list them, e.g. 'matmul-add-to-gemm').")
-    max_rounds: int = option(8, "Most sweeps over the rule table (stops when one changes nothing).")
+    max_rounds: int = option(8, "Most sweeps over the rule table (stops when one changes nothing).",
+                             min=1)
 
 
 @register

@@ -57,7 +57,8 @@ Scores = tuple[np.ndarray, bool]
 
 @dataclasses.dataclass
 class PruneChannelsConfig:
-    ratio: float = option(0.5, "Fraction of each group's units (channels, neurons, heads) removed.")
+    ratio: float = option(0.5, "Fraction of each group's units (channels, neurons, heads) removed.",
+                          max=1)
     scope: Literal["per-group", "global"] = option(
         "per-group", "'per-group': every group loses `ratio`; 'global': the lowest-ranked `ratio` "
         "of all units, so groups lose different amounts (importance normalized per group; with "
@@ -68,7 +69,7 @@ class PruneChannelsConfig:
         "'reconstruction': greedy removal order by output error after least-squares "
         "compensation (dense consumers; else 'activation').")
     round_to: int = option(
-        8, "Round kept channel counts up to a multiple of this (1: exact ratio).")
+        8, "Round kept channel counts up to a multiple of this (1: exact ratio).", min=1)
     kinds: list[str] = option(
         list(KINDS), "Groups to prune: channels (Conv), neurons (Gemm/MatMul), heads.")
     protect: list[str] = option(
@@ -79,10 +80,10 @@ class PruneChannelsConfig:
         True, "Refit consumer layers by least squares on calibration data.")
     recalibrate_bn: bool = option(
         True, "Re-estimate BatchNorm statistics downstream of refitted layers.")
-    samples: int = option(8192, "Calibration rows (positions or tokens) per refitted layer.")
+    samples: int = option(8192, "Calibration rows (positions or tokens) per refitted layer.", min=1)
     ridge: float = option(1e-3, "Ridge strength, relative to the mean input energy of a layer.")
     min_cosine: float = option(
-        0.9, "Budget: cosine of each output vs the unpruned model; 0 disables the check.")
+        0.9, "Budget: cosine of each output vs the unpruned model; 0 disables the check.", max=1)
     fit_budget: bool = option(
         True, "When the pruned model misses min_cosine on inputs the refit did not see (the "
         "last calibration batch, else synthesized ones), halve the ratio and retry (up to 3 "

@@ -77,8 +77,8 @@ class QuantizeConfig:
                                             "(per-tensor first, per-channel as an accuracy "
                                             "remedy).")
     calibration: str = option("minmax", "Calibration method: minmax, entropy or percentile.")
-    percentile: float = option(99.999, "Percentile kept by the percentile method.")
-    calibration_samples: int = option(256, "Use at most this many calibration samples.")
+    percentile: float = option(99.999, "Percentile kept by the percentile method.", max=100)
+    calibration_samples: int = option(256, "Use at most this many calibration samples.", min=1)
     calib_table: str = option("", "Calibration table JSON: reused if the file exists, else "
                                   "written after calibrating.")
     target: str = option("auto", "CPU to quantize for: auto (this machine; or the pipeline's "
@@ -105,7 +105,7 @@ class QuantizeConfig:
     max_drop: float | None = option(None, "Largest metric drop against FP32 (top1: points, "
                                           "default 0.5; cosine: default 0.01; mse/callable: "
                                           "required).")
-    eval_samples: int = option(1000, "Use at most this many evaluation samples.")
+    eval_samples: int = option(1000, "Use at most this many evaluation samples.", min=1)
     sensitivity_top_k: int = option(6, "Leave-one-out for this many lowest-SQNR nodes.")
     max_fallbacks: int = option(16, "Most nodes the accuracy search may fall back to FP32.")
     min_levels: float = option(2.0, "Keep a tensor float when 98% of its values span fewer "
