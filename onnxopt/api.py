@@ -89,7 +89,10 @@ def _calibration_batches(calibration: Iterable[Feeds] | str | Path | None, model
 
     batch_size = (DEFAULT_BATCH_SIZE if max_memory is None
                   else calibration_batch_size(model, max_memory, DEFAULT_BATCH_SIZE))
-    return open_calibration(calibration, model, batch_size=batch_size)
+    data = open_calibration(calibration, model, batch_size=batch_size)
+    for _ in data:  # reliability: every batch checked (names, dtypes, shapes, finite values)
+        pass        # up front, streamed, rather than failing inside a pass minutes later
+    return data
 
 
 def benchmark(models: list[ModelLike], **kwargs: Any) -> Any:

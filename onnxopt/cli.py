@@ -160,7 +160,7 @@ def optimize(
 ) -> None:
     """Run a recipe of passes; each pass is verified against ONNX Runtime."""
     from onnxopt.api import load, optimize as run_optimize
-    from onnxopt.feeds import check_feeds, load_npz
+    from onnxopt.feeds import load_evaluation
     from onnxopt.memory import parse_size
     from onnxopt.model_io import save_model
 
@@ -171,11 +171,7 @@ def optimize(
     overrides = _parse_settings(settings)
     if max_drop is not None:
         overrides["max_drop"] = _finite(max_drop, "--max-drop", low=0.0)
-    evaluation = None
-    if eval_data is not None:
-        arrays = load_npz(eval_data)
-        labels = arrays.pop("labels", None)
-        evaluation = (check_feeds(arrays, source, eval_data), labels)
+    evaluation = load_evaluation(eval_data, source) if eval_data is not None else None
     with _progress() as bar:
         task = bar.add_task("optimizing", total=None)
 

@@ -118,5 +118,35 @@ def check_feeds(arrays: Mapping[str, np.ndarray], model: ir.Model, path: str | P
                 raise InputError(
                     f"input '{name}' has shape {list(array.shape)}, the model expects {dims}", path
                 )
+        check_finite(array, f"input '{name}'", path)
         feeds[name] = array
     return feeds
+
+
+def check_finite(array: np.ndarray, what: str, path: str | Path | None = None) -> None:
+    """Reliability: NaN or infinite values are refused naming the file and array; downstream
+    they end in a calibration ``AssertionError``, an SVD that does not converge, or a metric
+    that is NaN and so never misses its budget."""
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return
+    if not np.isfinite(array).all():
+        kind = "NaN" if np.isnan(array).any() else "infinite"
+        raise InputError(f"{what} holds {kind} values; give finite data", path)
+
+
+def load_evaluation(path: str | Path, model: ir.Model) -> tuple[Feeds, np.ndarray | None]:
+    """``--eval`` data: inputs checked against the model, plus optional finite ``labels`` with
+    one entry per sample."""
+    arrays = load_npz(path)
+    labels = arrays.pop("labels", None)
+    feeds = check_feeds(arrays, model, path)
+    if labels is not None:
+        if labels.dtype.kind not in "biuf":
+            raise InputError(f"array 'labels' has dtype {labels.dtype}; expected class "
+                             "indices", path)
+        check_finite(labels, "array 'labels'", path)
+        counts = {len(a) for a in feeds.values() if a.ndim}
+        if labels.ndim == 0 or (counts and counts != {len(labels)}):
+            raise InputError(f"array 'labels' has shape {list(labels.shape)}; expected one "
+                             f"label per sample ({sorted(counts)})", path)
+    return feeds, labels
