@@ -7,7 +7,7 @@ through ``inspect`` and ``optimize`` with every built-in recipe (synthesized cal
 evaluation data where a recipe takes them), and every ``--bench-every``-th case through
 ``bench``. Reports, per kind: cases, commands, exit codes, contract violations (with a one-line
 repro each), and "pass failures": a pass raised an unexpected exception, which the pipeline
-turned into a one-line error (exit 2); the contract holds, but each is a bug in that pass.
+turned into a one-line error (exit 3); the contract holds, but each is a bug in that pass.
 
     .venv/bin/python benchmarks/bench_fuzz.py [--cases 20] [--bench-every 10]
         [--max-minutes M] [--json FILE]
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{result['seconds']} s; violations: {len(result['violations'])}")
     for v in result["violations"]:
         print(f"- {v['case']}: {v['problem']} -- {v['repro']}")
-    print("\npass failures turned into one-line errors (exit 2), first case of each:")
+    print("\npass failures turned into one-line errors (exit 3), first case of each:")
     for what, where in result["pass_failures"].items():
         print(f"- {what}: {where['case']}, onnxopt {where['command']}")
     return 1 if result["violations"] else 0

@@ -105,7 +105,9 @@ def export(
 ) -> None:
     """Export a model to ONNX and verify it numerically against its framework."""
     from onnxopt.export import export_to_file
+    from onnxopt.model_io import check_writable
 
+    check_writable(output)  # before the export, which can take minutes
     with console.status(f"exporting {src}"):
         path = export_to_file(src, output, force=force, opset=opset, dynamic_batch=not static_batch)
     console.print(f"wrote {path}")
