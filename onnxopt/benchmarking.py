@@ -633,10 +633,13 @@ def check_benchmark_document(doc: Any, label: str = "baseline",
         raise InputError(f"{label} results are not an onnxopt benchmark document (a JSON "
                          f"{type(doc).__name__}, expected an object)", path)
     rows = doc.get("rows")
-    if doc.get("schema_version") != SCHEMA_VERSION or not isinstance(rows, list):
+    if doc.get("schema_version") != SCHEMA_VERSION or "rows" not in doc:
         raise InputError(f"{label} results are not an onnxopt benchmark document "
                          f"(schema_version {doc.get('schema_version')!r}, "
-                         f"expected {SCHEMA_VERSION}, and a list of rows)", path)
+                         f"expected {SCHEMA_VERSION})", path)
+    if not isinstance(rows, list):
+        raise InputError(f"{label} results are not an onnxopt benchmark document ('rows' is "
+                         f"a {type(rows).__name__}, expected a list)", path)
     models = doc.get("models") or [{}]
     if (not isinstance(models, list) or not all(isinstance(m, Mapping) for m in models)
             or not all(isinstance(r, Mapping) and {"model", "threads"} <= set(r) for r in rows)):

@@ -270,10 +270,10 @@ def bench(
     from onnxopt.targets import benchmark_on_target, parse_target
 
     # Read the baseline first: a bad --baseline fails before minutes of measuring.
+    allowed = _parse_fraction(max_regression, "--max-regression")
     old = _read_json(baseline) if baseline is not None else None
     if old is not None:
         check_benchmark_document(old, "--baseline", baseline)
-    allowed = _parse_fraction(max_regression, "--max-regression")
     if json_path is not None:
         from onnxopt.model_io import check_writable
 
