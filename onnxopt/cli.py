@@ -383,6 +383,10 @@ def tune(
 
     if objective not in ("latency", "memory"):
         raise InputError(f"bad --objective '{objective}': expected latency or memory")
+    if output is not None:
+        from onnxopt.model_io import check_writable
+
+        check_writable(output)  # before the tuning, not after
     with _progress() as bar:
         task = bar.add_task("tuning", total=1.0)
 
@@ -411,8 +415,10 @@ def split(
     """Split a model into a cascade of sub-models loaded one at a time (less peak memory);
     outputs are verified identical to the whole model's."""
     from onnxopt.feeds import parse_shape_overrides
+    from onnxopt.model_io import check_writable
     from onnxopt.split import split_model
 
+    check_writable(output, folder=True)
     with _progress() as bar:
         task = bar.add_task("splitting", total=1.0)
 

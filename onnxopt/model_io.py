@@ -273,7 +273,7 @@ def check_writable(path: str | Path, *, folder: bool = False) -> None:
     if not existing.is_dir():
         raise InputError(f"cannot write: {existing} is not a folder", path)
     if not os.access(existing, os.W_OK | os.X_OK):
-        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         code = errno.EROFS if read_only else errno.EACCES
         raise InputError(f"cannot write: {os.strerror(code)}", path)
 
