@@ -65,6 +65,8 @@ WRITES = [
     _case("optimize --report a file", OPT + " --report {file}", 2, "{file}", "is a file"),
     _case("optimize --report read-only", OPT + " --report {ro}/rep", 2, "{ro}/rep", READ_ONLY),
     _case("optimize --report disk full", OPT + " --report {full}/rep", 2, "{full}/rep/report", DISK_FULL),
+    _case("optimize -o disk full, --report fine", "optimize {model} -o {full}/out.onnx --report "
+          "{work}/rep3", 2, "{full}/out.onnx", DISK_FULL),  # the staged report is not left
     _case("optimize --checkpoints a file", OPT + " --checkpoints {file}", 2, "{file}", "is a file"),
     _case("optimize --checkpoints read-only", OPT + " --checkpoints {ro}/ck", 2, "{ro}/ck", READ_ONLY),
     _case("optimize --checkpoints disk full", OPT + " --checkpoints {full}/ck/sub", 2,
