@@ -295,6 +295,16 @@ def test_case(case: Case, machine: tuple[dict[str, str], Path, str | None]) -> N
         assert {r["threads"] for r in doc["rows"]} == {len(os.sched_getaffinity(0))}
 
 
+def test_debug_shows_the_traceback_of_an_internal_error(
+        machine: tuple[dict[str, str], Path, str | None]) -> None:
+    """--debug: the same exit 3 and error line, after the traceback a bug report needs."""
+    paths, root, _ = machine
+    case = next(c for c in INPUTS if c.code == 3)
+    outcome = run_case(dataclasses.replace(case, argv=(*case.argv, "--debug")), paths, root)
+    assert outcome.code == 3 and "Traceback" in outcome.stderr and "IndexError" in outcome.stderr
+    assert outcome.stderr.strip().splitlines()[-1].startswith("error: pass 'test-hostile-bug'")
+
+
 def test_report_staged_then_moved_in(machine: tuple[dict[str, str], Path, str | None]) -> None:
     """A report folder that exists already gets both files; no staging folder stays beside."""
     paths, root, _ = machine
