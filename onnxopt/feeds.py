@@ -90,8 +90,13 @@ def load_feeds(path: str | Path, model: ir.Model) -> Feeds:
     return check_feeds(arrays, model, path)
 
 
-def check_feeds(arrays: Mapping[str, np.ndarray], model: ir.Model, path: str | Path | None = None) -> Feeds:
-    """Check feed names, dtypes and static dims against the model; raise :class:`InputError`."""
+def check_feeds(arrays: Mapping[str, np.ndarray], model: ir.Model, path: str | Path | None = None,
+                *, stacked: bool = False) -> Feeds:
+    """Check feed names, dtypes and static dims against the model; raise :class:`InputError`.
+
+    ``stacked``: axis 0 counts samples, which are run in batches of the model's size (a model
+    with a fixed batch of 1 still takes an evaluation set of many samples), so it is not checked.
+    """
     specs = input_specs(model)
     expected = {name for name, _, _ in specs}
     missing = sorted(expected - set(arrays))
@@ -114,7 +119,7 @@ def check_feeds(arrays: Mapping[str, np.ndarray], model: ir.Model, path: str | P
                 path,
             )
         for axis, d in enumerate(dims):
-            if isinstance(d, int) and array.shape[axis] != d:
+            if isinstance(d, int) and array.shape[axis] != d and not (stacked and axis == 0):
                 raise InputError(
                     f"input '{name}' has shape {list(array.shape)}, the model expects {dims}", path
                 )
@@ -139,7 +144,7 @@ def load_evaluation(path: str | Path, model: ir.Model) -> tuple[Feeds, np.ndarra
     one entry per sample."""
     arrays = load_npz(path)
     labels = arrays.pop("labels", None)
-    feeds = check_feeds(arrays, model, path)
+    feeds = check_feeds(arrays, model, path, stacked=True)
     if labels is not None:
         if labels.dtype.kind not in "biuf":
             raise InputError(f"array 'labels' has dtype {labels.dtype}; expected class "

@@ -78,3 +78,30 @@ def test_bert_inputs_are_valid_ids() -> None:
     assert (feeds["token_type_ids"] == 0).all()  # segment ids index a 2-row table
     assert (feeds["attention_mask"] == 1).all()
     assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 100
+
+
+def test_evaluation_set_for_a_fixed_batch_model(tmp_path) -> None:
+    """A model exported with batch 1 (the light zoo's, many ONNX files from other tools) still
+    takes an evaluation set of stacked samples: axis 0 counts samples, not the batch."""
+    import onnx
+    from onnx import helper
+
+    from onnxopt.evaluation import predict, session_for
+    from onnxopt.feeds import load_evaluation
+    from onnxopt.model_io import load_model
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = load_model(path)
+    data = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=data, labels=np.arange(5))
+    feeds, labels = load_evaluation(tmp_path / "eval.npz", model)
+    assert feeds["x"].shape == (5, 4) and len(labels) == 5
+    np.testing.assert_array_equal(predict(None, feeds, session=session_for(model)),
+                                  np.maximum(data, 0))
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 3), np.float32))
+    with pytest.raises(InputError, match="expects"):
+        load_evaluation(tmp_path / "bad.npz", model)
