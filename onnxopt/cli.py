@@ -122,6 +122,7 @@ def inspect(
     """Parameters, size (raw and zipped), MACs per op type and the op histogram."""
     from onnxopt.api import inspect as inspect_model
     from onnxopt.feeds import parse_shape_overrides
+    from onnxopt.stats import macs_text
 
     stats = inspect_model(model, parse_shape_overrides(shape))
     if as_json:
@@ -131,7 +132,7 @@ def inspect(
     table.add_row("parameters", f"{stats.params:,}")
     table.add_row("size", f"{stats.size_bytes:,} B")
     table.add_row("zipped", f"{stats.zipped_bytes:,} B")
-    table.add_row("MACs", f"{stats.total_macs:,}  " + ", ".join(f"{k} {v:,}" for k, v in stats.macs.items()))
+    table.add_row("MACs", f"{macs_text(stats)}  " + ", ".join(f"{k} {v:,}" for k, v in stats.macs.items()))
     table.add_row("nodes", f"{stats.nodes}  " + ", ".join(f"{k} {v}" for k, v in stats.op_histogram.items()))
     out.print(table)
 
@@ -165,6 +166,7 @@ def optimize(
     from onnxopt.feeds import load_evaluation
     from onnxopt.memory import parse_size
     from onnxopt.model_io import save_model
+    from onnxopt.stats import macs_text
 
     budget = parse_size(max_memory) if max_memory is not None else None
     thread_counts = _parse_threads(threads) if threads else None
@@ -202,7 +204,7 @@ def optimize(
                           soft_wrap=True)
     console.print(
         f"wrote {output}: {before['size_bytes']:,} -> {after['size_bytes']:,} bytes, "
-        f"{before['total_macs']:,} -> {after['total_macs']:,} MACs, "
+        f"{macs_text(before)} -> {macs_text(after)} MACs, "
         f"{before['nodes']} -> {after['nodes']} nodes")
 
 

@@ -48,7 +48,7 @@ def _alias_initializer_outputs(graph: ir.Graph) -> int:
             continue
         # A new value over a copy of the tensor: onnx_ir names a tensor after its value and
         # wraps the caller's TensorProto, so renaming either would modify the input model.
-        name = _unused_name(graph, f"{output.name}_source")
+        name = unused_name(graph, f"{output.name}_source")
         source = ir.Value(name=name, shape=output.shape, type=output.type,
                           const_value=ir.tensor(output.const_value.numpy(), name=name))
         node = ir.node("Identity", inputs=[source])
@@ -64,7 +64,7 @@ def _alias_initializer_outputs(graph: ir.Graph) -> int:
     return inserted
 
 
-def _unused_name(graph: ir.Graph, base: str) -> str:
+def unused_name(graph: ir.Graph, base: str) -> str:
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
     taken |= {v.name for node in graph.all_nodes() for v in node.outputs}
     name, n = base, 1

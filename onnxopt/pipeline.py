@@ -37,7 +37,7 @@ from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, better_as_file, check_pro
                               release_mappings, save_model)
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
-from onnxopt.stats import ModelStats, model_stats
+from onnxopt.stats import ModelStats, macs_text, model_stats
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -98,7 +98,7 @@ class OptimizationReport:
 def _md_row(name: str, stats: dict[str, Any], seconds: float, cosine: float | None) -> str:
     cos = "" if cosine is None else f"{cosine:.6f}"
     return (f"| {name} | {stats['params']:,} | {stats['size_bytes'] / 1024:.1f} | "
-            f"{stats['zipped_bytes'] / 1024:.1f} | {stats['total_macs']:,} | {stats['nodes']} | "
+            f"{stats['zipped_bytes'] / 1024:.1f} | {macs_text(stats)} | {stats['nodes']} | "
             f"{seconds:.2f} | {cos} |")
 
 

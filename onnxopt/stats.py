@@ -51,6 +51,16 @@ class ModelStats:
         return d
 
 
+def macs_text(stats: ModelStats | Mapping[str, Any]) -> str:
+    """Total MACs for people: ``2,516,844,544``, or ``>= 109,051,904 (45 nodes of unknown
+    shape)`` when some compute nodes could not be counted (a lower bound, not a figure)."""
+    d = stats.to_dict() if isinstance(stats, ModelStats) else stats
+    unknown = d.get("macs_unknown_nodes", 0)
+    if not unknown:
+        return f"{d['total_macs']:,}"
+    return f">= {d['total_macs']:,} ({unknown} node{'s' if unknown != 1 else ''} of unknown shape)"
+
+
 def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None,
                 file: str | Path | None = None) -> ModelStats:
     """Statistics of ``model``; serialized once for the byte counts.
@@ -162,18 +172,48 @@ def _mac_table(proto: onnx.ModelProto,
 
 def _inferred(proto: onnx.ModelProto,
               shapes: Mapping[str, list[int]] | None) -> onnx.ModelProto:
-    """``proto`` on static input shapes with shapes inferred: ONNX's inference, then ORT's
-    symbolic one when a ``MAC_OPS`` node's shapes are still unknown."""
-    proto = _with_static_inputs(proto, shapes or {})
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # shape inference rejects some contrib ops; count what we can
-        pass
-    if any(n is None for _, n in _macs_of(proto)):
-        symbolic = _symbolic_shapes(proto)
+    """``proto`` on static input shapes with shapes inferred afresh: ONNX's inference (with data
+    propagation), then ORT's symbolic one when a ``MAC_OPS`` node's shapes are still unknown.
+
+    The model's own shape annotations are set aside first: a pass can leave one stale (onnxscript's
+    folding and fusions annotate what they rewrite), and ONNX's inference keeps a conflicting
+    annotation, drops the node's inference and so every shape downstream of it. They fill in only
+    what neither inference finds (e.g. outputs of contrib ops ONNX does not know).
+    """
+    annotated = _with_static_inputs(proto, shapes or {})
+    fresh = _without_annotations(annotated)
+    with contextlib.suppress(Exception):  # shape inference rejects some contrib ops; count what we can
+        fresh = onnx.shape_inference.infer_shapes(fresh, data_prop=True)
+    if any(n is None for _, n in _macs_of(fresh)):
+        symbolic = _symbolic_shapes(fresh)
         if symbolic is not None:
-            return symbolic
-    return proto
+            fresh = symbolic
+    if any(n is None for _, n in _macs_of(fresh)):
+        _fill_from(fresh, annotated)
+    return fresh
+
+
+def _without_annotations(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without ``value_info`` and with the graph outputs' shapes (not types) cleared."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.graph.value_info[:]
+    for output in bare.graph.output:
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    return bare
+
+
+def _fill_from(inferred: onnx.ModelProto, annotated: onnx.ModelProto) -> None:
+    """Add ``annotated``'s static shapes (its own annotations, and ONNX's inference over them)
+    for the values ``inferred`` has no static shape of."""
+    with contextlib.suppress(Exception):
+        annotated = onnx.shape_inference.infer_shapes(annotated, data_prop=True)
+    known = _known_shapes(inferred)
+    by_name = {vi.name: vi for vi in [*annotated.graph.value_info, *annotated.graph.output]}
+    for name in _known_shapes(annotated).keys() - known.keys():
+        if name in by_name:
+            inferred.graph.value_info.append(by_name[name])
 
 
 def attention_macs(proto: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None

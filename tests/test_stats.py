@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.stats import model_stats
+from onnxopt.stats import macs_text, model_stats
 
 
 def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
@@ -121,3 +121,24 @@ def test_failed_symbolic_shape_inference_leaves_the_working_directory_clean(
     monkeypatch.chdir(tmp_path)
     model_stats(model, shapes={"x": [2, 4]})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_shape_annotation_does_not_decide_the_count() -> None:
+    """ONNX's inference keeps a value_info that contradicts the graph (a pass left it behind)
+    and counts from it: MatMul(Relu(x)[2, 4], w[4, 3]) is 24 MACs, not 48 from a stale [2, 8]."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 4] x) => (float[2, 3] z) <float[4, 3] w = {0,0,0,0,0,0,0,0,0,0,0,0}> {
+        y = Relu(x)
+        z = MatMul(y, w)
+    }""")
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                                     [2, 8]))
+    stats = model_stats(model)
+    assert stats.total_macs == 2 * 3 * 4
+    assert stats.macs_unknown_nodes == 0
+
+
+def test_a_partial_count_reads_as_a_lower_bound() -> None:
+    assert macs_text({"total_macs": 1234, "macs_unknown_nodes": 0}) == "1,234"
+    assert macs_text({"total_macs": 1234, "macs_unknown_nodes": 45}) == \
+        ">= 1,234 (45 nodes of unknown shape)"

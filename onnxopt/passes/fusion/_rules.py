@@ -308,3 +308,48 @@ def affine_rules() -> dict[str, Sequence[pattern.RewriteRule]]:
         "mul-into-batchnorm": BatchNormMulFusion.rule().commute(),
         "add-into-batchnorm": BatchNormAddFusion.rule().commute(),
     }
+
+
+
+# com.microsoft ops whose output is [B, S, D] whatever the value they replaced was annotated with.
+_THREE_D_OUTPUTS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+
+
+def gemm_inputs_to_2d(model: ir.Model) -> int:
+    """Put back the 2-D view in front of each ``Gemm`` whose input an attention fusion made 3-D;
+    returns how many.
+
+    GPT-2's Conv1D is ``addmm`` on ``x.view(-1, D)``, and the exporter folds the heads' merge
+    ``[B, S, H, Dh] -> [B, S, D]`` and that view into one Reshape to ``[B*S, D]``. onnxscript's
+    MultiHeadAttention fusion takes that Reshape for the ``[B, S, D]`` one without checking its
+    target ("TODO: verify Reshapes", mha.py) and hands the Gemm its 3-D output (keeping the
+    stale 2-D annotation), which ONNX Runtime refuses to load. ``Reshape(., [-1, K])`` restores
+    exactly what the Reshape computed.
+    """
+    fixed = 0
+    for node in list(model.graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        producer = a.producer() if a is not None else None
+        three_d = producer is not None and producer.domain == "com.microsoft" \
+            and producer.op_type in _THREE_D_OUTPUTS
+        if not three_d and (a is None or a.shape is None or a.shape.rank() == 2):
+            continue
+        if node.attributes.get_int("transA", 0) or b is None or b.shape is None \
+                or not isinstance(b.shape[0], int) or not isinstance(b.shape[1], int):
+            continue
+        depth = b.shape[1] if node.attributes.get_int("transB", 0) else b.shape[0]
+        if three_d:
+            a.shape = None  # the annotation of the value the fusion replaced
+        target = ir.Value(name=f"{node.name}_view_shape",
+                          const_value=ir.tensor(np.array([-1, depth], dtype=np.int64)))
+        target.shape, target.type = ir.Shape([2]), ir.TensorType(ir.DataType.INT64)
+        model.graph.register_initializer(target)
+        view = ir.node("Reshape", inputs=[a, target], name=f"{node.name}_view")
+        view.outputs[0].name = f"{node.name}_view"
+        view.outputs[0].type = a.type
+        model.graph.insert_before(node, view)
+        node.replace_input_with(0, view.outputs[0])
+        fixed += 1
+    return fixed

@@ -26,6 +26,7 @@ from onnxopt.model_io import is_big
 from onnxopt.passes._shared.surgery import replace_contents
 from onnxopt.passes.fusion._embed import CONTRIB, embed_layer_norm_rules
 from onnxopt.passes.fusion._layer_norms import split_layer_norm_rules
+from onnxopt.passes.fusion._rules import gemm_inputs_to_2d
 from onnxopt.passes._shared.timing import deploy_threads, measure_decided
 from onnxopt.passes.fusion._attention_mask import quantizable_attention
 from onnxopt.registry import OptPass, option, register
@@ -98,6 +99,7 @@ class FuseTransformerPass(OptPass):
             self.notes["warning"] = "nothing fused: " + self.notes["skipped"]
             return ir.passes.PassResult(model, False)
         fired = {name: n for name, n in counts.items() if n}
+        gemm_inputs_to_2d(fused)  # onnxscript's attention fusion can leave a Gemm a 3-D input
         if cfg.embed_layer_norm:
             n = embed_layer_norm_rules().apply_to_model(fused)
             if n:
