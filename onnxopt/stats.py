@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -190,7 +191,39 @@ def _inferred(proto: onnx.ModelProto,
             fresh = symbolic
     if any(n is None for _, n in _macs_of(fresh)):
         _fill_from(fresh, annotated)
+    if any(n is None for _, n in _macs_of(fresh)):
+        _fill_from_a_run(fresh, proto)
     return fresh
+
+
+def _fill_from_a_run(inferred: onnx.ModelProto, proto: onnx.ModelProto) -> None:
+    """Last resort, where no inference follows the shapes (T5's relative position bias is
+    computed from values at run time): run ONNX Runtime once on seeded inputs of the static
+    input shapes and read the shapes of the inputs and outputs of the nodes still unknown. Only
+    those values are fetched; a model ORT cannot run keeps its partial count."""
+    from onnxopt import activations, runner
+
+    known = _known_shapes(inferred)
+    wanted = sorted({name for node, n in _macs_of(inferred) if n is None
+                     for name in [*node.input[:2], *node.output[:1]]
+                     if name and name not in known})
+    if not wanted:
+        return
+    signature = [(i.name, onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+                  [d.dim_value for d in i.type.tensor_type.shape.dim])
+                 for i in inferred.graph.input if i.name not in known or i.name in
+                 {g.name for g in proto.graph.input}]
+    inits = {t.name for t in proto.graph.initializer}
+    signature = [s for s in signature if s[0] not in inits]
+    try:
+        feeds = runner.synthesize_arrays(signature)
+        values = next(activations.capture(proto, wanted, [feeds], opt_level="disabled",
+                                          threads=1))
+    except Exception:  # noqa: BLE001 - a model ORT cannot run here keeps its partial count
+        return
+    for name in wanted:
+        inferred.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            name, onnx.TensorProto.FLOAT, list(np.shape(values[name]))))
 
 
 def _without_annotations(proto: onnx.ModelProto) -> onnx.ModelProto:

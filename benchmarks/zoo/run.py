@@ -125,8 +125,9 @@ def summarize(report: Path, model: Path) -> dict[str, Any]:
     cosines = [float(v["cosine"]) for v in drift.values() if v.get("cosine") is not None]
     sqnrs = [float(v["sqnr_db"]) for v in drift.values() if v.get("sqnr_db") is not None]
     ops = set(after.get("op_histogram", {}))
-    warnings = [f"{p['name']}: {w}" for p in doc.get("passes", [])
-                for w in (p.get("notes", {}) or {}).get("warnings", [])]
+    # a pass that kept the model or fell short says why in notes["warning"] (the CLI prints it)
+    warnings = [f"{p['name']}: {p['notes']['warning']}" for p in doc.get("passes", [])
+                if (p.get("notes") or {}).get("warning")]
     return {
         "size_before": model.stat().st_size, "size_after": after.get("size_bytes"),
         "macs_before": before.get("total_macs"), "macs_after": after.get("total_macs"),
