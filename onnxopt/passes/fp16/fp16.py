@@ -36,6 +36,7 @@ from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.metrics import Budget
 from onnxopt.passes.fp16._kernels import AARCH64_FP16_OPS, PROBED_OPS, probe_model, runs_in_fp16
 from onnxopt.passes.fp16._ranges import MAX_CAST_ERROR, activation_ranges, nodes_to_keep
+from onnxopt.passes.fp16._subgraphs import move_casts_into_subgraphs
 from onnxopt.passes._shared.surgery import replace_contents
 from onnxopt.registry import OptPass, option, register
 
@@ -102,6 +103,9 @@ class Fp16Pass(OptPass):
         converted = convert_float_to_float16(
             ir.serde.serialize_model(model), keep_io_types=True, op_block_list=sorted(blocked),
             node_block_list=[*cfg.keep_nodes, *out_of_range])
+        moved = move_casts_into_subgraphs(converted)
+        if moved:
+            self.notes["subgraph_casts_moved"] = moved
         replace_contents(model, ir.serde.deserialize_model(converted))
         self.notes["initializers_retyped"] = match_initializer_types(model, cfg.max_cast_error)
         if out_of_range:
