@@ -146,3 +146,44 @@ def test_fp16_pass_alone_on_if_is_valid() -> None:
     model = ir.serde.deserialize_model(if_model())
     Fp16Pass()(model)
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def two_ifs_returning_an_outer_value() -> onnx.ModelProto:
+    """Two Ifs whose else branches return the same outer-scope value through an Identity (as
+    silero-vad's nested Ifs do)."""
+    return _parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,16] x) => (float[N,16] y) {
+  a = Gemm(x, w, b)
+  m = ReduceMean <keepdims = 0> (a)
+  zero = Constant <value = float {0.0}> ()
+  cond = Greater(m, zero)
+  p = If(cond) <
+    then_branch = t1 () => (float[N,16] t1_out) { t1_out = Neg(a) },
+    else_branch = e1 () => (float[N,16] e1_out) { e1_out = Identity(a) }
+  >
+  q = If(cond) <
+    then_branch = t2 () => (float[N,16] t2_out) { t2_out = Relu(a) },
+    else_branch = e2 () => (float[N,16] e2_out) { e2_out = Identity(a) }
+  >
+  y = Add(p, q)
+}""", 5, w=(16, 16), b=(16,))
+
+
+def test_cleanup_keeps_identities_that_return_an_outer_value() -> None:
+    """onnx_ir's IdentityEliminationPass failed here ('already an output of a different
+    graph'), so every recipe failed on silero-vad."""
+    model = two_ifs_returning_an_outer_value()
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    batches = [{"x": x}, {"x": -x}]
+    assert {bool(np.mean(b["x"] @ weights["w"] + weights["b"]) > 0) for b in batches} == {
+        True, False}
+    cleaned, _ = onnxopt.optimize(model, "cleanup", verify_feeds=batches)
+    proto = ir.serde.serialize_model(cleaned)
+    onnx.checker.check_model(proto, full_check=True)
+    reference = runner.reference_session(model.SerializeToString())
+    session = runner.create_session(proto.SerializeToString())
+    for feeds in batches:
+        np.testing.assert_allclose(runner.run(session, feeds)["y"],
+                                   runner.run(reference, feeds)["y"], rtol=1e-5, atol=1e-6)
