@@ -16,6 +16,25 @@ from onnxopt.passes.fp16 import FP16_BUDGET
 from onnxopt.passes.fp16.fp16 import Fp16Pass
 
 
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+# cond: whether the mean of {0} is positive (x and -x take different branches)
+GATE = """  m = ReduceMean <keepdims = 0> ({0})
+  zero = Constant <value = float {{0.0}}> ()
+  cond = Greater(m, zero)
+"""
+
+
+def _both_branches(model: onnx.ModelProto, weight: str, bias: str, seed: int
+                   ) -> list[dict[str, np.ndarray]]:
+    """Two batches, x and -x, that take different branches of a GATE on Gemm(x, weight, bias)."""
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = np.random.default_rng(seed).standard_normal((4, 16)).astype(np.float32)
+    batches = [{"x": x}, {"x": -x}]
+    taken = {bool(np.mean(b["x"] @ weights[weight] + weights[bias]) > 0) for b in batches}
+    assert taken == {True, False}
+    return batches
+
+
 def _parse(text: str, seed: int, **shapes: tuple[int, ...]) -> onnx.ModelProto:
     """ONNX text plus seeded float32 initializers of the given shapes."""
     rng = np.random.default_rng(seed)
@@ -30,13 +49,9 @@ def _parse(text: str, seed: int, **shapes: tuple[int, ...]) -> onnx.ModelProto:
 def if_model() -> onnx.ModelProto:
     """A data-dependent If whose branches compute (Gemm) and hold ops that ``arm64`` keeps
     float32 (Neg, Tanh, ReduceMean): the Casts around them belong inside the branches."""
-    return _parse("""<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,16] x) => (float[N,8] y) {
+    return _parse(HEADER + """g (float[N,16] x) => (float[N,8] y) {
   h = Gemm(x, w1, b1)
-  m = ReduceMean <keepdims = 0> (h)
-  zero = Constant <value = float {0.0}> ()
-  cond = Greater(m, zero)
-  z = If(cond) <
+""" + GATE.format("h") + """  z = If(cond) <
     then_branch = then_g () => (float[N,16] t_out) {
       t1 = Gemm(h, w2, b2)
       t_out = Tanh(t1)
@@ -54,8 +69,7 @@ g (float[N,16] x) => (float[N,8] y) {
 def loop_model() -> onnx.ModelProto:
     """A Loop with a data-dependent trip count, a loop-carried state, outer-scope weights and a
     kept op (Sigmoid) inside the body, and a scan output."""
-    return _parse("""<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,16] x, int64 steps) => (float[N,16] y, float[K,N,16] trace) {
+    return _parse(HEADER + """g (float[N,16] x, int64 steps) => (float[N,16] y, float[K,N,16] trace) {
   cond0 = Constant <value = bool {1}> ()
   y, trace = Loop(steps, cond0, x) <
     body = body_g (int64 i, bool c_in, float[N,16] s_in) => (bool c_out, float[N,16] s_out,
@@ -90,13 +104,8 @@ def _check_fp16(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) ->
 
 
 def test_fp16_if_casts_stay_inside_their_branch() -> None:
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((4, 16)).astype(np.float32)
     model = if_model()
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    batches = [{"x": x}, {"x": -x}]
-    taken = {bool(np.mean(b["x"] @ weights["w1"] + weights["b1"]) > 0) for b in batches}
-    assert taken == {True, False}  # one batch per branch
+    batches = _both_branches(model, "w1", "b1", seed=2)
     converted = _check_fp16(model, batches)
     else_branch = next(n for n in converted.graph if n.op_type == "If").attributes["else_branch"]
     casts = [n for n in else_branch.as_graph() if n.op_type == "Cast"]
@@ -151,13 +160,9 @@ def test_fp16_pass_alone_on_if_is_valid() -> None:
 def two_ifs_returning_an_outer_value() -> onnx.ModelProto:
     """Two Ifs whose else branches return the same outer-scope value through an Identity (as
     silero-vad's nested Ifs do)."""
-    return _parse("""<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,16] x) => (float[N,16] y) {
+    return _parse(HEADER + """g (float[N,16] x) => (float[N,16] y) {
   a = Gemm(x, w, b)
-  m = ReduceMean <keepdims = 0> (a)
-  zero = Constant <value = float {0.0}> ()
-  cond = Greater(m, zero)
-  p = If(cond) <
+""" + GATE.format("a") + """  p = If(cond) <
     then_branch = t1 () => (float[N,16] t1_out) { t1_out = Neg(a) },
     else_branch = e1 () => (float[N,16] e1_out) { e1_out = Identity(a) }
   >
@@ -173,12 +178,7 @@ def test_cleanup_keeps_identities_that_return_an_outer_value() -> None:
     """onnx_ir's IdentityEliminationPass failed here ('already an output of a different
     graph'), so every recipe failed on silero-vad."""
     model = two_ifs_returning_an_outer_value()
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((4, 16)).astype(np.float32)
-    batches = [{"x": x}, {"x": -x}]
-    assert {bool(np.mean(b["x"] @ weights["w"] + weights["b"]) > 0) for b in batches} == {
-        True, False}
+    batches = _both_branches(model, "w", "b", seed=6)
     cleaned, _ = onnxopt.optimize(model, "cleanup", verify_feeds=batches)
     proto = ir.serde.serialize_model(cleaned)
     onnx.checker.check_model(proto, full_check=True)
