@@ -19,6 +19,20 @@ from onnxscript.rewriter.rules.common import _no_op
 from onnxopt.registry import OptPass, option, register
 
 
+class ScopedIdentityElimination(common.IdentityEliminationPass):
+    """onnx_ir's Identity elimination, except where a subgraph returns an outer-scope value
+    through an Identity: eliminating it renames the outer value and makes it that subgraph's
+    output, and a second branch returning the same value then fails ("already an output of a
+    different graph"; onnx_ir 1.1.0, silero-vad's nested Ifs). Such an Identity stays."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if len(node.inputs) == 1 else None
+        if (node.op_type == "Identity" and source is not None and len(node.outputs) == 1
+                and node.outputs[0].is_graph_output() and source.graph is not node.graph):
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
 @dataclasses.dataclass
 class CleanupConfig:
     fold_constants: bool = option(True, "Evaluate nodes whose inputs are all constant.")
@@ -43,7 +57,7 @@ class CleanupPass(OptPass):
                 output_size_limit=cfg.fold_size_limit))
         steps += [
             rewriter.RewritePass(_no_op.rules),
-            common.IdentityEliminationPass(),
+            ScopedIdentityElimination(),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),

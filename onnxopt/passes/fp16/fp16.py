@@ -17,6 +17,12 @@ float32 model runs once on the calibration batches (else the verification inputs
 tensor whose float16 cast error exceeds ``max_cast_error`` (overflow past 65504, or values
 mostly under float16's normal range) keeps its producer and consumers in float32; the notes list
 those nodes and why. Random-weight MobileNetV2 needs this: its activations fall under 1e-6.
+The check sees the main graph only: values inside ``If``/``Loop``/``Scan`` bodies cannot be
+fetched from ORT, so the notes count those nodes as unchecked (the pipeline's verification still
+covers their outputs).
+
+Control flow: subgraph nodes convert like the rest; the Casts the converter adds around a kept
+node inside a body are moved into that body (:mod:`onnxopt.passes.fp16._subgraphs`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from onnxopt.graph_outputs import outputs_with_producers
 from onnxopt.metrics import Budget
 from onnxopt.passes.fp16._kernels import AARCH64_FP16_OPS, PROBED_OPS, probe_model, runs_in_fp16
 from onnxopt.passes.fp16._ranges import MAX_CAST_ERROR, activation_ranges, nodes_to_keep
+from onnxopt.passes.fp16._subgraphs import move_casts_into_subgraphs
 from onnxopt.passes._shared.surgery import replace_contents
 from onnxopt.registry import OptPass, option, register
 
@@ -96,6 +103,9 @@ class Fp16Pass(OptPass):
             self.notes["range_check"] = {
                 "tensors": len(ranges), "max_cast_error": cfg.max_cast_error,
                 "out_of_range": sum(r.cast_error > cfg.max_cast_error for r in ranges.values())}
+            inner = sum(n.graph is not model.graph for n in model.graph.all_nodes())
+            if inner:
+                self.notes["range_check"]["unchecked_subgraph_nodes"] = inner
             self.notes["kept_float32_nodes"] = out_of_range
         if not _float32_left(model, blocked | set(cfg.keep_nodes) | set(out_of_range)):
             self.notes["skipped"] = "no float32 computation left to convert within range"
@@ -104,6 +114,9 @@ class Fp16Pass(OptPass):
         converted = convert_float_to_float16(
             ir.serde.serialize_model(model), keep_io_types=True, op_block_list=sorted(blocked),
             node_block_list=[*cfg.keep_nodes, *out_of_range])
+        moved = move_casts_into_subgraphs(converted)
+        if moved:
+            self.notes["subgraph_casts_moved"] = moved
         replace_contents(model, ir.serde.deserialize_model(converted))
         self.notes["initializers_retyped"] = match_initializer_types(model, cfg.max_cast_error)
         if out_of_range:
