@@ -8,6 +8,12 @@ the file and the problem. A quality gate that is not met (verification, accuracy
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for annotations: errors.py imports nothing of onnxopt at run time
+    import onnx_ir as ir
+
+    from onnxopt.pipeline import OptimizationReport
 
 
 class OnnxoptError(Exception):
@@ -28,9 +34,17 @@ class InputError(OnnxoptError):
 
 
 class QualityGateError(OnnxoptError):
-    """The result was computed but misses a declared budget (fidelity, accuracy, regression)."""
+    """The result was computed but misses a declared budget (fidelity, accuracy, regression).
+
+    ``partial``: ``(model, report)`` when the pipeline had a result to keep (a pass's best
+    candidate and the report up to it), so a caller can still save both; else ``None``.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message, path)
+        self.partial: tuple[ir.Model, OptimizationReport] | None = None
 
 
 class VerificationError(QualityGateError):

@@ -1,10 +1,10 @@
 """The pass pipeline: runs a recipe's passes in order with instruments around each one.
 
-Instruments, not pass bodies, do the book-keeping: timing, model statistics, verification against
-ONNX Runtime, and optional checkpoints. Verification runs the rewritten model with the reference
-session (optimizations off, one thread) on seeded inputs after every pass that modified the model,
-and compares it with the model the pass received, within the pass's declared budget. Drift from
-the original model is recorded too.
+Instruments (:mod:`onnxopt.instruments`), not pass bodies, do the book-keeping: timing, model
+statistics, verification against ONNX Runtime, and optional checkpoints. Verification runs the
+rewritten model with the reference session (optimizations off, one thread) on seeded inputs after
+every pass that modified the model, and compares it with the model the pass received, within the
+pass's declared budget. Drift from the original model is recorded too.
 """
 
 from __future__ import annotations
@@ -12,26 +12,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxopt import metrics, provenance, runner, safety
+from onnxopt import provenance, safety
 from onnxopt.errors import InputError, OnnxoptError, QualityGateError, VerificationError
-from onnxopt.feeds import Feeds, synthesize_feeds
-from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
-from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, better_as_file, check_proto,
-                              has_external_tensors, is_big, needs_external_data, one_line,
-                              release_mappings, save_model)
+from onnxopt.feeds import synthesize_feeds
+from onnxopt.instruments import (Checkpoints, PassInstrument, Statistics, StepRun, Timing,
+                                 Verification)
+from onnxopt.model_io import has_external_tensors, is_big, one_line, release_mappings
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
-from onnxopt.stats import ModelStats, model_stats
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -139,64 +133,65 @@ class Pipeline:
         if not context.verify_feeds:
             safety.check_feedable(model)  # reliability: one line, not a numpy allocation error
             context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
-        with _Freezer() as freezer:
-            frozen = freezer.freeze(model)
-            original = _run_all(frozen, context.verify_feeds, "the input model")
-            before = model_stats(model).to_dict()
-            previous, previous_frozen = original, frozen
-            records: list[PassRecord] = []
-            needs_ort = False
+        statistics = Statistics()
+        instruments: list[PassInstrument] = [
+            Timing(), Verification(context.verify_feeds, check_passes=self.verify)]
+        if self.checkpoint_dir is not None:
+            instruments.append(Checkpoints(self.checkpoint_dir))
+        instruments.append(statistics)
+        records: list[PassRecord] = []
+        needs_ort = False
+        with contextlib.ExitStack() as stack:
+            for instrument in instruments:
+                stack.callback(instrument.exit_pipeline)
+                instrument.enter_pipeline(model)
             for index, step in enumerate(self.steps):
                 if progress is not None:
                     progress(index, step.name)
-                opt_pass: OptPass = step.build(context)
-                start = time.perf_counter()
-                gate_error: QualityGateError | None = None
-                try:
-                    result = opt_pass(model)
-                except VerificationError:
-                    raise
-                except QualityGateError as exc:
-                    gate_error = exc
-                    result = ir.passes.PassResult(model, True)
-                except OnnxoptError:
-                    raise
-                except ir.passes.PassError as exc:
-                    raise OnnxoptError(f"pass '{step.name}' failed: {exc}") from exc
-                except Exception as exc:  # reliability: see _unexpected
-                    raise _unexpected(step.name, exc) from exc
-                seconds = time.perf_counter() - start
-                model = result.model
+                step_run = StepRun(index, step.name, step.build(context))
+                for instrument in instruments:
+                    instrument.run_before_pass(step_run, model)
+                result, gate_error = _call(step_run.opt_pass, model, step.name)
+                model = step_run.model = result.model
+                step_run.modified = result.modified
                 release_mappings(model)  # big models: pages the pass read stop counting
-                needs_ort = needs_ort or (result.modified and opt_pass.needs_onnxruntime)
-                fidelity: dict[str, dict[str, float]] = {}
-                drift: dict[str, dict[str, float]] = {}
-                if result.modified and self.verify:
-                    frozen = freezer.freeze(model)
-                    _check_written(frozen, step.name)
-                    outputs = _run_all(frozen, context.verify_feeds,
-                                       f"the model after pass '{step.name}'")
-                    fidelity = _verify(step.name, opt_pass.budget(), previous, outputs,
-                                       previous_frozen, frozen, context.verify_feeds)
-                    drift = _compare_all(original, outputs)
-                    freezer.release(previous_frozen)
-                    previous, previous_frozen = outputs, frozen
-                if self.checkpoint_dir is not None:
-                    save_model(model, self.checkpoint_dir / f"{index + 1:02d}-{step.name}.onnx")
-                records.append(PassRecord(
-                    name=step.name, options=step.options, modified=result.modified,
-                    seconds=seconds, stats=model_stats(model).to_dict(),
-                    budget=opt_pass.budget().describe(), fidelity=fidelity, drift=drift,
-                    notes=opt_pass.notes,
-                ))
+                for instrument in instruments:
+                    instrument.run_after_pass(step_run)
+                needs_ort = needs_ort or (result.modified and step_run.opt_pass.needs_onnxruntime)
+                records.append(_record(step, step_run))
                 if gate_error is not None:
                     provenance.stamp(model, origin)
-                    gate_error.partial = (model, OptimizationReport(  # type: ignore[attr-defined]
-                        self.name, before, records[-1].stats, records, needs_ort, origin))
+                    gate_error.partial = (model, OptimizationReport(
+                        self.name, statistics.before, records[-1].stats, records, needs_ort, origin))
                     raise gate_error
-        after = records[-1].stats if records else before
+        after = records[-1].stats if records else statistics.before
         provenance.stamp(model, origin)
-        return model, OptimizationReport(self.name, before, after, records, needs_ort, origin)
+        return model, OptimizationReport(self.name, statistics.before, after, records, needs_ort,
+                                         origin)
+
+
+def _call(opt_pass: OptPass, model: ir.Model,
+          name: str) -> tuple[ir.passes.PassResult, QualityGateError | None]:
+    """Run one pass; a missed budget of its own comes back with its best candidate in the model."""
+    try:
+        return opt_pass(model), None
+    except VerificationError:
+        raise
+    except QualityGateError as exc:
+        return ir.passes.PassResult(model, True), exc
+    except OnnxoptError:
+        raise
+    except ir.passes.PassError as exc:
+        raise OnnxoptError(f"pass '{name}' failed: {exc}") from exc
+    except Exception as exc:  # reliability: see _unexpected
+        raise _unexpected(name, exc) from exc
+
+
+def _record(step: Step, run: StepRun) -> PassRecord:
+    return PassRecord(name=step.name, options=step.options, modified=run.modified,
+                      seconds=run.seconds, stats=run.stats,
+                      budget=run.opt_pass.budget().describe(), fidelity=run.fidelity,
+                      drift=run.drift, notes=run.opt_pass.notes)
 
 
 def _unexpected(pass_name: str, exc: Exception) -> InputError:
@@ -205,147 +200,6 @@ def _unexpected(pass_name: str, exc: Exception) -> InputError:
     the pass and the cause; ``--debug`` shows the traceback for a bug report."""
     return InputError(f"pass '{pass_name}' cannot handle this model ({type(exc).__name__}: "
                       f"{one_line(exc)}); rerun with --debug for the traceback")
-
-
-Frozen = bytes | str  # serialized model, or the path of a temporary file with external data
-
-
-class _Freezer:
-    """Models in the form ONNX Runtime and the checker take.
-
-    Bytes for a small model; otherwise (over ``FILE_SESSION_THRESHOLD``, or tensors still in
-    external files) a file with external data in a private temporary folder: protobuf cannot
-    serialize 2 GB, a model read from external data would otherwise be resolved against the
-    working directory, and ORT maps an aligned file where it would copy bytes three times.
-    Removed on exit.
-    """
-
-    def __init__(self) -> None:
-        self._folder: tempfile.TemporaryDirectory[str] | None = None
-        self._count = 0
-
-    def __enter__(self) -> _Freezer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._folder is not None:
-            with deferred_signals():
-                self._folder.cleanup()
-
-    def freeze(self, model: ir.Model) -> Frozen:
-        if not needs_external_data(model) and not better_as_file(model):
-            return ir.serde.serialize_model(model).SerializeToString()
-        if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")
-        self._count += 1
-        path = Path(self._folder.name) / f"step{self._count}.onnx"
-        ir.save(model, path, external_data=path.name + ".data",
-                alignment=EXTERNAL_DATA_ALIGNMENT)
-        release_mappings(model)  # every page was read for the copy; ORT maps the copy next
-        return str(path)
-
-    def release(self, frozen: Frozen) -> None:
-        """Delete a frozen file no longer needed (a 2 GB model per step adds up)."""
-        if isinstance(frozen, str):
-            for name in (frozen, frozen + ".data", frozen + ".probe.onnx"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
-
-
-def _check_written(frozen: Frozen, pass_name: str) -> None:
-    try:
-        check_proto(frozen)  # bytes as they are: a parsed copy would cost the model's size again
-    except InputError as exc:
-        raise OnnxoptError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
-
-
-def _run_all(frozen: Frozen, feeds: list[Feeds], what: str) -> list[dict[str, np.ndarray]]:
-    """Reference outputs for every feed batch."""
-    try:
-        session = runner.reference_session(frozen)
-        return [_bounded(session, f) for f in feeds]
-    except RunTimeLimit as exc:
-        raise InputError(f"{what}: {exc}") from exc
-    except Exception as exc:  # ORT raises its own exception types for load and run failures
-        raise InputError(f"{what} does not run in ONNX Runtime: {one_line(exc)}") from exc
-
-
-def _bounded(session: Any, feeds: Feeds) -> dict[str, np.ndarray]:
-    """``runner.run`` with a time limit (reliability: an endless Loop is an error, not a hang)."""
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, bounded_run(session, dict(feeds), outputs=names)))
-
-
-def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Worst case over batches of every metric, per output."""
-    result: dict[str, dict[str, float]] = {}
-    for r_batch, o_batch in zip(ref, out):
-        for name, r in r_batch.items():
-            m = metrics.compare(r, o_batch[name]) if r.shape == o_batch[name].shape else {
-                "max_abs": float("inf"), "max_rel": float("inf"), "cosine": 0.0, "sqnr_db": 0.0}
-            worst = result.setdefault(name, m)
-            for key in ("max_abs", "max_rel"):
-                worst[key] = max(worst[key], m[key])
-            for key in ("cosine", "sqnr_db"):
-                worst[key] = min(worst[key], m[key])
-    return result
-
-
-def _verify(pass_name: str, budget: metrics.Budget, ref: list[dict[str, np.ndarray]],
-            out: list[dict[str, np.ndarray]], before: Frozen, after: Frozen,
-            feeds: list[Feeds]) -> dict[str, dict[str, float]]:
-    """Raise :class:`VerificationError` naming the pass, the output and the culprit node."""
-    for r_batch, o_batch in zip(ref, out):
-        for name, r in r_batch.items():
-            if name not in o_batch:
-                raise VerificationError(pass_name, name, None, "output disappeared")
-            breach = budget.check(r, o_batch[name])
-            if breach:
-                node = _first_diverging_node(before, after, feeds[0], budget)
-                raise VerificationError(pass_name, name, node, breach)
-    return _compare_all(ref, out)
-
-
-def _first_diverging_node(before_frozen: Frozen, after_frozen: Frozen, feeds: Feeds,
-                          budget: metrics.Budget) -> str | None:
-    """The earliest node of the rewritten graph whose output breaches the budget.
-
-    Only tensors that keep their name across the pass can be compared; the first one (in the
-    rewritten graph's topological order) that breaches points at the rewrite that went wrong.
-    """
-    before, after = _graph_of(before_frozen), _graph_of(after_frozen)
-    produced_before = {o for node in before.graph.node for o in node.output}
-    candidates = [(node, o) for node in after.graph.node for o in node.output if o in produced_before]
-    names = [o for _, o in candidates]
-    if not names:
-        return None
-    ref, out = (_run_with_outputs(m, f, names, feeds)
-                for m, f in ((before, before_frozen), (after, after_frozen)))
-    for node, name in candidates:
-        if budget.check(ref[name], out[name]):
-            return f"{node.name or '?'} ({node.op_type}) -> '{name}'"
-    return None
-
-
-def _graph_of(frozen: Frozen) -> onnx.ModelProto:
-    """The protobuf of a frozen model (without external data: graph structure only)."""
-    if isinstance(frozen, bytes):
-        return onnx.load_from_string(frozen)
-    return onnx.load(frozen, load_external_data=False)
-
-
-def _run_with_outputs(proto: onnx.ModelProto, frozen: Frozen, names: list[str],
-                      feeds: Feeds) -> dict[str, np.ndarray]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    if isinstance(frozen, bytes):
-        source: Frozen = probe.SerializeToString()
-    else:  # next to the frozen file, so its external data resolves
-        source = frozen + ".probe.onnx"
-        onnx.save(probe, source)
-    return _bounded(runner.reference_session(source), feeds)
 
 
 def jsonable(obj: Any) -> Any:

@@ -50,6 +50,20 @@ class OptPass(ir.passes.InPlacePass):
 
     Subclasses set ``name``, ``summary`` and ``Config``, implement ``call()``, and override
     ``budget()`` when the pass is lossy. ``self.notes`` (plain data) lands in the pass's report record.
+
+    The contract (the pipeline and its instruments rely on it, not on an order of calls):
+
+    - The pipeline builds one instance per step and calls it once, on the model to rewrite;
+      ``call()`` works in place and returns ``PassResult(model, modified)``. A pass that misses
+      a budget of its own leaves its best candidate in the model and raises
+      :class:`~onnxopt.errors.QualityGateError`.
+    - ``budget()`` depends on ``config`` and ``context`` only: it may be called at any time,
+      before or after ``call()``, any number of times, and gives the same answer. (The
+      pipeline verifies with it after ``call()``; nothing a call found may widen it.)
+    - On ``self`` a pass keeps ``config`` and ``context`` (both read-only) and ``notes``
+      (written by ``call()``, read by the pipeline afterwards). The working state of a call
+      (data chosen for fitting, sets of nodes) lives in locals and arguments, never in
+      attributes of the instance or the class.
     """
 
     name: ClassVar[str]

@@ -226,3 +226,20 @@ def test_every_builtin_recipe_leaves_the_callers_protobuf_untouched(recipe: str)
                                    if recipe == "int8" else {})
     assert proto.SerializeToString() == given
     assert report.passes  # the recipe ran
+
+
+def test_budget_is_declared_before_the_pass_runs(mlp_model: onnx.ModelProto) -> None:
+    """The pass contract: ``budget()`` reads only the config and the context, so a fresh pass
+    declares the budget the pipeline then verifies with (the record shows the one it used)."""
+    from onnxopt.registry import PassContext, catalogue
+
+    for name, cls in catalogue().items():  # no pass needs call() to have run
+        assert cls().budget().describe(), name
+    quantize = catalogue()["quantize"]
+    config = make_config(quantize, {"max_drop": 0.05, "measure_latency": False})
+    declared = quantize(config).budget().describe()
+    assert declared == "cosine >= 0.94"
+    assert quantize(config, PassContext(evaluation=({}, None))).budget().kind == "none"
+    _, report = onnxopt.optimize(
+        mlp_model, [{"pass": "quantize", "max_drop": 0.05, "measure_latency": False}])
+    assert report.passes[0].modified and report.passes[0].budget == declared

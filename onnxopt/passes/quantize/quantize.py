@@ -63,6 +63,8 @@ SYNTHETIC_SAMPLES = 16
 EVAL_BATCH_SIZE = 256  # samples per run of the accuracy check, unless --max-memory says fewer
 # Latency: at least this many timed runs per model and thread count, whatever the budget says.
 MIN_TIMED_RUNS = 15
+# Verification floor without evaluation data: the pipeline's cosine check, at most this.
+COSINE_FLOOR = 0.98
 
 
 @dataclasses.dataclass
@@ -145,16 +147,20 @@ class QuantizePass(OptPass):
                "nodes where INT8 is slower stay FP32; accuracy budget by per-node fallback.")
     Config = QuantizeConfig
 
-    def __init__(self, config: Any | None = None, context: Any = None) -> None:
-        super().__init__(config, context)
-        self._user_evaluation = False
-        self._cosine_floor = 0.98
-        self._shallow: set[str] = set()
-
     def budget(self) -> Budget:
-        if self._user_evaluation:
+        """From the config and the context alone (the pass contract): with the user's
+        evaluation data, the accuracy search is the check; else a cosine floor that leaves
+        room for the search's own ``max_drop`` (at most 0.98)."""
+        if self.context.evaluation is not None:
             return Budget("none")
-        return Budget("cosine", min_value=self._cosine_floor)
+        try:
+            metric = resolve_metric(self.config.metric, False)
+        except InputError:  # call() reports the bad metric; the floor is the default then
+            return Budget("cosine", min_value=COSINE_FLOOR)
+        if metric.name != "cosine":
+            return Budget("cosine", min_value=COSINE_FLOOR)
+        max_drop = metric.default_max_drop if self.config.max_drop is None else self.config.max_drop
+        return Budget("cosine", min_value=min(COSINE_FLOOR, 1.0 - float(max_drop) - 0.01))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: QuantizeConfig = self.config
@@ -214,8 +220,9 @@ class QuantizePass(OptPass):
                     f"{timings[best].worst:.2f}x): Quantize/Dequantize overhead outweighs the "
                     "integer arithmetic on this model")
                 ranking = node_sqnr(prepared, best, table, activations)
-                self.notes.update(sensitivity_report(prepared, ranking, None, plan,
-                                                     self._shallow, cfg.min_depth, None))
+                self.notes.update(sensitivity_report(
+                    prepared, ranking, None, plan, _shallow_nodes(prepared, cfg.min_depth),
+                    cfg.min_depth, None))
                 return ir.passes.PassResult(model, False)
         cache = dict(protos)
 
@@ -248,16 +255,15 @@ class QuantizePass(OptPass):
         if result is None:
             self.notes["decision"] = ("kept FP32: every INT8 candidate lost its speed-up once "
                                       "the accuracy search had moved nodes back to FP32")
-            self.notes.update(sensitivity_report(prepared, [], None, plan, self._shallow,
-                                                 cfg.min_depth, None))
+            self.notes.update(sensitivity_report(
+                prepared, [], None, plan, _shallow_nodes(prepared, cfg.min_depth),
+                cfg.min_depth, None))
             return ir.passes.PassResult(model, False)
         replace_contents(model, ir.serde.deserialize_model(result.proto))
-        self._user_evaluation = evaluator.source == "evaluation data"
-        if evaluator.metric.name == "cosine" and not self._user_evaluation:
-            self._cosine_floor = min(0.98, 1.0 - evaluator.max_drop - 0.01)
         output_sqnr = _output_sqnr(result.proto, activations, sample, prepared)
         self.notes.update(sensitivity_report(prepared, outcome.ranking, result, plan,
-                                             self._shallow, cfg.min_depth, output_sqnr))
+                                             _shallow_nodes(prepared, cfg.min_depth),
+                                             cfg.min_depth, output_sqnr))
         summary = (f"{result.spec.label()}: {evaluator.metric.name} {result.score.value:.4g} "
                    f"(FP32 {evaluator.reference:.4g}, drop {result.score.drop:.3g} "
                    f"{evaluator.metric.unit}, allowed {evaluator.max_drop:g})")
@@ -270,7 +276,7 @@ class QuantizePass(OptPass):
             raise AccuracyBudgetError(
                 f"quantize: no INT8 candidate met the budget: {summary}", model, self.notes)
         self.notes["decision"] = f"INT8: {summary}"
-        if self._user_evaluation:
+        if self.context.evaluation is not None:
             self.notes["budget"] = ("not re-checked by the pipeline: the accuracy search on the "
                                     "user's evaluation data is the check (seeded verification "
                                     "inputs do not represent INT8 ranges)")
@@ -418,12 +424,12 @@ class QuantizePass(OptPass):
             reduce_range=target.reduce_range if cfg.reduce_range is None else cfg.reduce_range,
             per_channel=bool(cfg.per_channel), exclude=frozenset(plan.static),
             quantize_compute_outputs=not plan.keep_compute_outputs_float)
-        self._shallow = {n.name for n in prepared.nodes if 0 < n.depth < cfg.min_depth}
+        shallow = _shallow_nodes(prepared, cfg.min_depth)
         specs: list[QuantSpec] = []
         if cfg.mode in ("auto", "static") and table is not None:
             specs.append(static)
-            if self._shallow - static.exclude and len(self._shallow) < len(prepared.nodes):
-                specs.append(static.with_exclude(self._shallow))
+            if shallow - static.exclude and len(shallow) < len(prepared.nodes):
+                specs.append(static.with_exclude(shallow))
         if cfg.mode in ("auto", "dynamic") and any(
                 n.op_type in DYNAMIC_OPS and n.weight for n in prepared.nodes):
             specs.append(dataclasses.replace(static, mode="dynamic", quant_format="qdq",
@@ -450,6 +456,11 @@ class QuantizePass(OptPass):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _shallow_nodes(prepared: PreparedModel, min_depth: int) -> set[str]:
+    """Compute nodes whose reduction depth is too small for INT8 to pay (Q/DQ-bound)."""
+    return {n.name for n in prepared.nodes if 0 < n.depth < min_depth}
 
 
 def _fixed_batch(model: ir.Model) -> int | None:
