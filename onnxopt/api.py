@@ -44,12 +44,13 @@ def optimize(
     evaluation: tuple[Feeds, np.ndarray | None] | None = None,
     verify_feeds: list[Feeds] | None = None,
     seed: int = 0,
-    target: str | None = None,
+    isa: str | None = None,
     verify: bool = True,
     checkpoint_dir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
     max_memory: int | None = None,
+    target: str | None = None,
 ) -> tuple[ir.Model, OptimizationReport]:
     """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
 
@@ -57,7 +58,8 @@ def optimize(
     or an iterable of feeds), read in batches; the first batch also serves for verification
     unless ``verify_feeds`` is given. ``max_memory`` (bytes) sizes those batches, and the batches
     of INT8's accuracy check, so the weights plus one batch of activations fit
-    (:mod:`onnxopt.memory`).
+    (:mod:`onnxopt.memory`). ``isa``: the CPU to optimize for (``optimize --target``; see
+    :mod:`onnxopt.isa`), default this machine's; ``target`` is its old name.
     """
     ir_model = load(model)
     batches = _calibration_batches(calibration, ir_model, max_memory)
@@ -65,7 +67,7 @@ def optimize(
         verify_feeds = [batches[0]]
     context = PassContext(
         calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
-        seed=seed, target=target, max_memory=max_memory,
+        seed=seed, isa=isa, target=target, max_memory=max_memory,
     )
     pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir)
     return pipeline.run(ir_model, context, progress=progress)

@@ -159,7 +159,7 @@ def optimize(
 
         try:
             result, rep = run_optimize(
-                source, recipe, calibration=calib, evaluation=evaluation, seed=seed, target=target,
+                source, recipe, calibration=calib, evaluation=evaluation, seed=seed, isa=target,
                 checkpoint_dir=checkpoints, overrides=overrides, progress=on_step,
                 max_memory=budget)
         except QualityGateError as exc:

@@ -121,7 +121,7 @@ class Pipeline:
         """
         context = context or PassContext()
         # provenance: hash the source before cloning (the clone does not keep its origin)
-        origin = provenance.record(model, self.name, self.steps, context.seed, context.target)
+        origin = provenance.record(model, self.name, self.steps, context.seed, context.isa)
         context.provenance = origin
         model = model.clone()
         if has_external_tensors(model) and not is_big(model):

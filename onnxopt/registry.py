@@ -25,6 +25,9 @@ class PassContext:
     ``calibration``: representative input batches (for quantization, pruning refits).
     ``evaluation``: ``(feeds, labels)`` for accuracy-aware passes, labels may be ``None``.
     ``verify_feeds``: the seeded inputs the pipeline verifies on (always at least one batch).
+    ``isa``: the CPU instruction set the model is optimized for (``optimize --target``, a name
+    of :data:`onnxopt.isa.TARGETS`); ``None``: this machine's. Not the machine a benchmark runs
+    on (``bench --target``, :mod:`onnxopt.targets`). ``target=`` is accepted as its old name.
     ``max_memory``: the user's memory budget in bytes (``--max-memory``), for passes that run
     the model on many samples at once.
     ``provenance``: the metadata the pipeline stamps into the output model after the last pass;
@@ -35,9 +38,21 @@ class PassContext:
     evaluation: tuple[dict[str, np.ndarray], np.ndarray | None] | None = None
     verify_feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     seed: int = 0
-    target: str | None = None
+    isa: str | None = None
     max_memory: int | None = None
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)
+    target: dataclasses.InitVar[str | None] = None  # the old name of ``isa``
+
+    def __post_init__(self, target: str | None) -> None:
+        if target is not None:
+            if self.isa not in (None, target):
+                raise ValueError(f"PassContext: isa={self.isa!r} and target={target!r} disagree")
+            self.isa = target
+
+
+# Read access by the old name too (the class attribute the InitVar default left is replaced).
+PassContext.target = property(lambda self: self.isa,  # type: ignore[assignment,misc]
+                              doc="The old name of ``isa`` (read-only).")
 
 
 @dataclasses.dataclass

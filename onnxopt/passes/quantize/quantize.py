@@ -3,7 +3,7 @@
 prepare -> calibrate -> convert, with ONNX Runtime's quantizer doing the rewriting, and four
 decisions around it (each in its own module):
 
-* **target** (:mod:`onnxopt.int8_target`): U8S8 on x86 with VNNI/AMX, 7-bit weights without VNNI,
+* **target** (:mod:`onnxopt.isa`): U8S8 on x86 with VNNI/AMX, 7-bit weights without VNNI,
   S8S8 on ARM; the choice and its reason go into the notes;
 * **safety** (:mod:`onnxopt.passes.quantize._safety`): tensors 8 bits would wipe out (an attention mask of
   float32 min, outlier-stretched ranges) stay float, found from their numbers, not names;
@@ -55,7 +55,7 @@ from onnxopt.passes.quantize._safety import FloatPlan, float_plan, unsafe_tensor
 from onnxopt.passes.quantize._search import Outcome, SearchSettings, search
 from onnxopt.passes.quantize._sensitivity import node_sqnr
 from onnxopt.registry import OptPass, option, register
-from onnxopt.int8_target import QuantTarget, detect_cpu, is_host, resolve_target
+from onnxopt.isa import QuantTarget, detect_cpu, is_host, resolve_target
 
 # Without evaluation data, fidelity to FP32 on calibration inputs is the metric: mean cosine.
 FIDELITY_SAMPLES = 128
@@ -165,7 +165,7 @@ class QuantizePass(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: QuantizeConfig = self.config
         cpu = detect_cpu()
-        target = resolve_target(cfg.target if cfg.target != "auto" else self.context.target, cpu)
+        target = resolve_target(cfg.target if cfg.target != "auto" else self.context.isa, cpu)
         measurable = cfg.measure_latency and is_host(target, cpu)
         self.notes["target"] = {
             "name": target.name, "choice": target.describe(), "reason": target.reason,
