@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -50,6 +50,7 @@ def optimize(
     overrides: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
     max_memory: int | None = None,
+    on_breach: Literal["fallback", "raise"] = "fallback",
     target: str | None = None,
 ) -> tuple[ir.Model, OptimizationReport]:
     """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
@@ -59,7 +60,9 @@ def optimize(
     unless ``verify_feeds`` is given. ``max_memory`` (bytes) sizes those batches, and the batches
     of INT8's accuracy check, so the weights plus one batch of activations fit
     (:mod:`onnxopt.memory`). ``isa``: the CPU to optimize for (``optimize --target``; see
-    :mod:`onnxopt.isa`), default this machine's; ``target`` is its old name.
+    :mod:`onnxopt.isa`), default this machine's; ``target`` is its old name. ``on_breach``:
+    a pass that fails verification is undone and reported (``fallback``) or raises
+    :class:`~onnxopt.errors.VerificationError` (``raise``); see :meth:`Pipeline.run`.
     """
     ir_model = load(model)
     batches = _calibration_batches(calibration, ir_model, max_memory)
@@ -69,7 +72,8 @@ def optimize(
         calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
         seed=seed, isa=isa, target=target, max_memory=max_memory,
     )
-    pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir)
+    pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir,
+                                    on_breach=on_breach)
     return pipeline.run(ir_model, context, progress=progress)
 
 

@@ -48,11 +48,22 @@ class QualityGateError(OnnxoptError):
 
 
 class VerificationError(QualityGateError):
-    """A pass changed the model's outputs by more than its declared tolerance."""
+    """A pass changed the model's outputs by more than its declared tolerance.
+
+    ``report``: when the pipeline raises it (``on_breach="raise"``), the report up to the last
+    pass that verified, with this breach among its ``warnings``; else ``None``.
+    """
 
     def __init__(self, pass_name: str, output: str, node: str | None, detail: str) -> None:
         self.pass_name = pass_name
         self.output = output
         self.node = node
+        self.detail = detail
         where = f"output '{output}'" + (f" (first diverging node: {node})" if node else "")
         super().__init__(f"pass '{pass_name}' breached its tolerance at {where}: {detail}")
+        self.report: OptimizationReport | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The breach as plain data, for a report's ``warnings``."""
+        return {"pass": self.pass_name, "output": self.output, "node": self.node,
+                "detail": self.detail, "message": self.message}

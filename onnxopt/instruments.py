@@ -52,6 +52,8 @@ class StepRun:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     fidelity: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     drift: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # set when verification undid the pass (``VerificationError.to_dict()``)
+    breach: dict[str, Any] | None = None
 
 
 class PassInstrument:
@@ -112,13 +114,18 @@ class Verification(PassInstrument):
     """Checks that every pass that modified the model kept its outputs within its budget.
 
     The input model is always run once (a model ONNX Runtime cannot run is refused before any
-    pass); ``check_passes`` False skips the per-pass checks (``verify=False``). On a breach,
-    :class:`VerificationError` names the pass, the output and the first diverging node.
+    pass); ``check_passes`` False skips the per-pass checks (``verify=False``). A breach is a
+    :class:`VerificationError` naming the pass, the output and the first diverging node. With
+    ``fall_back`` (the default) it is not raised: the pass is undone (``step.model`` becomes
+    the model the pass received, rebuilt from its frozen copy), ``step.breach`` records it, and
+    the run goes on; without, it is raised.
     """
 
-    def __init__(self, feeds: list[Feeds], check_passes: bool = True) -> None:
+    def __init__(self, feeds: list[Feeds], check_passes: bool = True,
+                 fall_back: bool = True) -> None:
         self.feeds = feeds
         self.check_passes = check_passes
+        self.fall_back = fall_back
         self._freezer = _Freezer()
         self.original: Outputs = []
         self._previous: Outputs = []
@@ -136,14 +143,31 @@ class Verification(PassInstrument):
         frozen = self._freezer.freeze(step.model)
         _check_written(frozen, step.name)
         outputs = _run_all(frozen, self.feeds, f"the model after pass '{step.name}'")
-        step.fidelity = _verify(step.name, step.opt_pass.budget(), self._previous, outputs,
-                                self._previous_frozen, frozen, self.feeds)
+        try:
+            step.fidelity = _verify(step.name, step.opt_pass.budget(), self._previous, outputs,
+                                    self._previous_frozen, frozen, self.feeds)
+        except VerificationError as exc:
+            if not self.fall_back:
+                raise
+            self._freezer.release(frozen)
+            step.model, step.modified, step.breach = self._restore(), False, exc.to_dict()
+            return
         step.drift = _compare_all(self.original, outputs)
         self._freezer.release(self._previous_frozen)
         self._previous, self._previous_frozen = outputs, frozen
 
     def exit_pipeline(self) -> None:
         self._freezer.close()
+
+    def _restore(self) -> ir.Model:
+        """The model the undone pass received, from its frozen copy. A copy with external data
+        comes into memory: its temporary folder is removed when the run ends."""
+        frozen = self._previous_frozen
+        if isinstance(frozen, bytes):
+            return ir.serde.deserialize_model(onnx.load_from_string(frozen))
+        model = ir.load(frozen)
+        ir.external_data.load_to_model(model)
+        return model
 
 
 class _Freezer:

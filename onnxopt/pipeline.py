@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -57,6 +57,8 @@ class OptimizationReport:
     # versions, recipe, seed, source hash, target ISA: also stamped into the output model
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA_VERSION
+    # verification breaches: a pass that was undone (pass, output, node, detail, message)
+    warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -75,6 +77,8 @@ class OptimizationReport:
             worst = min((m["cosine"] for m in rec.drift.values()), default=None)
             rows.append(_md_row(rec.name + ("" if rec.modified else " (no change)"), rec.stats, rec.seconds, worst))
         text = f"### Recipe `{self.recipe}`\n\n" + "\n".join(rows) + "\n"
+        if self.warnings:
+            text += "\n" + "".join(f"- **undone**: {w['message']}\n" for w in self.warnings)
         if self.provenance:  # the same facts are stamped into the output model's metadata
             p = self.provenance
             text += (f"\nonnxopt {p.get('version')}, onnxruntime {p.get('onnxruntime_version')}, "
@@ -94,11 +98,15 @@ class Pipeline:
     """An ordered list of steps, built from a recipe, run over a model."""
 
     def __init__(self, steps: list[Step], *, name: str = "custom", verify: bool = True,
-                 checkpoint_dir: str | Path | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None,
+                 on_breach: Literal["fallback", "raise"] = "fallback") -> None:
+        if on_breach not in ("fallback", "raise"):
+            raise InputError(f"on_breach must be 'fallback' or 'raise', got {on_breach!r}")
         self.steps = steps
         self.name = name
         self.verify = verify
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.on_breach = on_breach
 
     @classmethod
     def from_recipe(cls, recipe: RecipeLike, overrides: dict[str, Any] | None = None,
@@ -118,29 +126,34 @@ class Pipeline:
         A pass that misses its own budget (an accuracy search that could not meet ``max_drop``)
         raises :class:`QualityGateError` after leaving its best candidate in the model; the error
         then carries ``partial = (model, report)`` so callers can still save that candidate.
+
+        A pass whose result fails verification is undone (``on_breach="fallback"``): the model
+        it received goes on to the next pass, and the breach is in the report's ``warnings``
+        and the pass's notes. With ``on_breach="raise"``, :class:`VerificationError` is raised
+        with ``report`` set to the report up to the last verified pass.
         """
         context = context or PassContext()
         # provenance: hash the source before cloning (the clone does not keep its origin)
         origin = provenance.record(model, self.name, self.steps, context.seed, context.isa)
         context.provenance = origin
-        model = model.clone()
-        if has_external_tensors(model) and not is_big(model):
-            # Reliability: external data is kept only where protobuf needs it (over the
-            # threshold); below, tensors come into memory so every pass sees ordinary tensors
-            # and the output is one self-contained file. (The clone's values are replaced; the
-            # caller's model still maps its files.)
-            ir.external_data.load_to_model(model)
-        if not context.verify_feeds:
-            safety.check_feedable(model)  # reliability: one line, not a numpy allocation error
-            context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
+        model = _working_copy(model, context)
         statistics = Statistics()
         instruments: list[PassInstrument] = [
-            Timing(), Verification(context.verify_feeds, check_passes=self.verify)]
+            Timing(), Verification(context.verify_feeds, check_passes=self.verify,
+                                   fall_back=self.on_breach == "fallback")]
         if self.checkpoint_dir is not None:
             instruments.append(Checkpoints(self.checkpoint_dir))
         instruments.append(statistics)
         records: list[PassRecord] = []
+        warnings: list[dict[str, Any]] = []
         needs_ort = False
+
+        def report(*extra: dict[str, Any]) -> OptimizationReport:
+            """The report so far (``after``: the last recorded pass's statistics)."""
+            after = records[-1].stats if records else statistics.before
+            return OptimizationReport(self.name, statistics.before, after, records, needs_ort,
+                                      origin, warnings=[*warnings, *extra])
+
         with contextlib.ExitStack() as stack:
             for instrument in instruments:
                 stack.callback(instrument.exit_pipeline)
@@ -155,19 +168,40 @@ class Pipeline:
                 model = step_run.model = result.model
                 step_run.modified = result.modified
                 release_mappings(model)  # big models: pages the pass read stop counting
-                for instrument in instruments:
-                    instrument.run_after_pass(step_run)
-                needs_ort = needs_ort or (result.modified and step_run.opt_pass.needs_onnxruntime)
+                try:
+                    for instrument in instruments:
+                        instrument.run_after_pass(step_run)
+                except VerificationError as exc:
+                    exc.report = report(exc.to_dict())
+                    raise
+                assert step_run.model is not None
+                model = step_run.model  # the pass's result, or its input if it was undone
+                if step_run.breach is not None:
+                    warnings.append(step_run.breach)
+                    _note_undone(step_run.opt_pass.notes, step_run.breach)
+                needs_ort = needs_ort or (step_run.modified and step_run.opt_pass.needs_onnxruntime)
                 records.append(_record(step, step_run))
                 if gate_error is not None:
                     provenance.stamp(model, origin)
-                    gate_error.partial = (model, OptimizationReport(
-                        self.name, statistics.before, records[-1].stats, records, needs_ort, origin))
+                    gate_error.partial = (model, report())
                     raise gate_error
-        after = records[-1].stats if records else statistics.before
         provenance.stamp(model, origin)
-        return model, OptimizationReport(self.name, statistics.before, after, records, needs_ort,
-                                         origin)
+        return model, report()
+
+
+def _working_copy(model: ir.Model, context: PassContext) -> ir.Model:
+    """The copy the passes rewrite, and verification inputs in ``context`` if it had none."""
+    model = model.clone()
+    if has_external_tensors(model) and not is_big(model):
+        # Reliability: external data is kept only where protobuf needs it (over the
+        # threshold); below, tensors come into memory so every pass sees ordinary tensors
+        # and the output is one self-contained file. (The clone's values are replaced; the
+        # caller's model still maps its files.)
+        ir.external_data.load_to_model(model)
+    if not context.verify_feeds:
+        safety.check_feedable(model)  # reliability: one line, not a numpy allocation error
+        context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
+    return model
 
 
 def _call(opt_pass: OptPass, model: ir.Model,
@@ -185,6 +219,13 @@ def _call(opt_pass: OptPass, model: ir.Model,
         raise OnnxoptError(f"pass '{name}' failed: {exc}") from exc
     except Exception as exc:  # reliability: see _unexpected
         raise _unexpected(name, exc) from exc
+
+
+def _note_undone(notes: dict[str, Any], breach: dict[str, Any]) -> None:
+    """The pass's notes say it was undone, and why (the console prints ``warning``)."""
+    undone = f"undone, the model before this pass is kept: {breach['message']}"
+    notes["warning"] = f"{notes['warning']}; {undone}" if notes.get("warning") else undone
+    notes["verification"] = breach
 
 
 def _record(step: Step, run: StepRun) -> PassRecord:
