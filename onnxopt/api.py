@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -45,13 +45,15 @@ def optimize(
     evaluation: tuple[Feeds, np.ndarray | None] | None = None,
     verify_feeds: list[Feeds] | None = None,
     seed: int = 0,
-    target: str | None = None,
+    isa: str | None = None,
     verify: bool = True,
     checkpoint_dir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
     max_memory: int | None = None,
     threads: Sequence[int] | None = None,
+    on_breach: Literal["fallback", "raise"] = "fallback",
+    target: str | None = None,
 ) -> tuple[ir.Model, OptimizationReport]:
     """Run a recipe over a copy of ``model``; every pass is verified against ONNX Runtime.
 
@@ -62,6 +64,10 @@ def optimize(
     (:mod:`onnxopt.memory`). ``threads``: the intra-op thread counts the model will run at;
     passes that decide by latency (``quantize``, ``fuse-transformer``) decide at these
     (default: 1 and every usable core).
+    ``isa``: the CPU to optimize for (``optimize --target``; see
+    :mod:`onnxopt.isa`), default this machine's; ``target`` is its old name. ``on_breach``:
+    a pass that fails verification is undone and reported (``fallback``) or raises
+    :class:`~onnxopt.errors.VerificationError` (``raise``); see :meth:`Pipeline.run`.
     """
     if threads is not None and (not threads or any(int(t) < 1 for t in threads)):
         raise InputError(f"threads must be positive counts, got {list(threads)}")
@@ -71,10 +77,11 @@ def optimize(
         verify_feeds = [batches[0]]
     context = PassContext(
         calibration=batches, evaluation=evaluation, verify_feeds=list(verify_feeds or []),
-        seed=seed, target=target, max_memory=max_memory,
+        seed=seed, isa=isa, target=target, max_memory=max_memory,
         threads=None if threads is None else [int(t) for t in threads],
     )
-    pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir)
+    pipeline = Pipeline.from_recipe(recipe, overrides, verify=verify, checkpoint_dir=checkpoint_dir,
+                                    on_breach=on_breach)
     return pipeline.run(ir_model, context, progress=progress)
 
 

@@ -184,7 +184,7 @@ def optimize(
 
         try:
             result, rep = run_optimize(
-                source, recipe, calibration=calib, evaluation=evaluation, seed=seed, target=target,
+                source, recipe, calibration=calib, evaluation=evaluation, seed=seed, isa=target,
                 checkpoint_dir=checkpoints, overrides=overrides, progress=on_step,
                 max_memory=budget, threads=thread_counts)
         except QualityGateError as exc:

@@ -11,6 +11,12 @@ the traceback only under ``--debug``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for annotations: errors.py imports nothing of onnxopt at run time
+    import onnx_ir as ir
+
+    from onnxopt.pipeline import OptimizationReport
 
 
 class OnnxoptError(Exception):
@@ -44,17 +50,36 @@ def write_error(exc: OSError, path: str | Path) -> InputError:
 
 
 class QualityGateError(OnnxoptError):
-    """The result was computed but misses a declared budget (fidelity, accuracy, regression)."""
+    """The result was computed but misses a declared budget (fidelity, accuracy, regression).
+
+    ``partial``: ``(model, report)`` when the pipeline had a result to keep (a pass's best
+    candidate and the report up to it), so a caller can still save both; else ``None``.
+    """
 
     exit_code = 1
 
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message, path)
+        self.partial: tuple[ir.Model, OptimizationReport] | None = None
+
 
 class VerificationError(QualityGateError):
-    """A pass changed the model's outputs by more than its declared tolerance."""
+    """A pass changed the model's outputs by more than its declared tolerance.
+
+    ``report``: when the pipeline raises it (``on_breach="raise"``), the report up to the last
+    pass that verified, with this breach among its ``warnings``; else ``None``.
+    """
 
     def __init__(self, pass_name: str, output: str, node: str | None, detail: str) -> None:
         self.pass_name = pass_name
         self.output = output
         self.node = node
+        self.detail = detail
         where = f"output '{output}'" + (f" (first diverging node: {node})" if node else "")
         super().__init__(f"pass '{pass_name}' breached its tolerance at {where}: {detail}")
+        self.report: OptimizationReport | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The breach as plain data, for a report's ``warnings``."""
+        return {"pass": self.pass_name, "output": self.output, "node": self.node,
+                "detail": self.detail, "message": self.message}

@@ -1,10 +1,10 @@
 """The pass pipeline: runs a recipe's passes in order with instruments around each one.
 
-Instruments, not pass bodies, do the book-keeping: timing, model statistics, verification against
-ONNX Runtime, and optional checkpoints. Verification runs the rewritten model with the reference
-session (optimizations off, one thread) on seeded inputs after every pass that modified the model,
-and compares it with the model the pass received, within the pass's declared budget. Drift from
-the original model is recorded too.
+Instruments (:mod:`onnxopt.instruments`), not pass bodies, do the book-keeping: timing, model
+statistics, verification against ONNX Runtime, and optional checkpoints. Verification runs the
+rewritten model with the reference session (optimizations off, one thread) on seeded inputs after
+every pass that modified the model, and compares it with the model the pass received, within the
+pass's declared budget. Drift from the original model is recorded too.
 """
 
 from __future__ import annotations
@@ -12,32 +12,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxopt import activations, metrics, provenance, runner, safety
-from onnxopt.errors import (
-    InputError,
-    InternalError,
-    OnnxoptError,
-    QualityGateError,
-    VerificationError,
-)
-from onnxopt.feeds import Feeds, synthesize_feeds
-from onnxopt.isolation import RunTimeLimit, bounded_run, deferred_signals
-from onnxopt.model_io import (EXTERNAL_DATA_ALIGNMENT, better_as_file, check_proto,
-                              has_external_tensors, is_big, needs_external_data, one_line,
-                              release_mappings, save_model)
+from onnxopt import provenance, safety
+from onnxopt.errors import (InputError, InternalError, OnnxoptError, QualityGateError,
+                            VerificationError)
+from onnxopt.feeds import synthesize_feeds
+from onnxopt.instruments import (Checkpoints, PassInstrument, Statistics, StepRun, Timing,
+                                 Verification)
+from onnxopt.model_io import has_external_tensors, is_big, one_line, release_mappings
 from onnxopt.recipes import RecipeLike, Step, apply_overrides, load_recipe
 from onnxopt.registry import OptPass, PassContext
-from onnxopt.stats import ModelStats, macs_text, model_stats
+from onnxopt.stats import macs_text
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -69,6 +59,8 @@ class OptimizationReport:
     # versions, recipe, seed, source hash, target ISA: also stamped into the output model
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA_VERSION
+    # verification breaches: a pass that was undone (pass, output, node, detail, message)
+    warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -87,6 +79,8 @@ class OptimizationReport:
             worst = min((m["cosine"] for m in rec.drift.values()), default=None)
             rows.append(_md_row(rec.name + ("" if rec.modified else " (no change)"), rec.stats, rec.seconds, worst))
         text = f"### Recipe `{self.recipe}`\n\n" + "\n".join(rows) + "\n"
+        if self.warnings:
+            text += "\n" + "".join(f"- **undone**: {w['message']}\n" for w in self.warnings)
         if self.provenance:  # the same facts are stamped into the output model's metadata
             p = self.provenance
             text += (f"\nonnxopt {p.get('version')}, onnxruntime {p.get('onnxruntime_version')}, "
@@ -106,11 +100,15 @@ class Pipeline:
     """An ordered list of steps, built from a recipe, run over a model."""
 
     def __init__(self, steps: list[Step], *, name: str = "custom", verify: bool = True,
-                 checkpoint_dir: str | Path | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None,
+                 on_breach: Literal["fallback", "raise"] = "fallback") -> None:
+        if on_breach not in ("fallback", "raise"):
+            raise InputError(f"on_breach must be 'fallback' or 'raise', got {on_breach!r}")
         self.steps = steps
         self.name = name
         self.verify = verify
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.on_breach = on_breach
 
     @classmethod
     def from_recipe(cls, recipe: RecipeLike, overrides: dict[str, Any] | None = None,
@@ -130,79 +128,113 @@ class Pipeline:
         A pass that misses its own budget (an accuracy search that could not meet ``max_drop``)
         raises :class:`QualityGateError` after leaving its best candidate in the model; the error
         then carries ``partial = (model, report)`` so callers can still save that candidate.
+
+        A pass whose result fails verification is undone (``on_breach="fallback"``): the model
+        it received goes on to the next pass, and the breach is in the report's ``warnings``
+        and the pass's notes. With ``on_breach="raise"``, :class:`VerificationError` is raised
+        with ``report`` set to the report up to the last verified pass.
         """
         context = context or PassContext()
         # provenance: hash the source before cloning (the clone does not keep its origin)
-        origin = provenance.record(model, self.name, self.steps, context.seed, context.target)
+        origin = provenance.record(model, self.name, self.steps, context.seed, context.isa)
         context.provenance = origin
-        model = model.clone()
-        if has_external_tensors(model) and not is_big(model):
-            # Reliability: external data is kept only where protobuf needs it (over the
-            # threshold); below, tensors come into memory so every pass sees ordinary tensors
-            # and the output is one self-contained file. (The clone's values are replaced; the
-            # caller's model still maps its files.)
-            ir.external_data.load_to_model(model)
-        if not context.verify_feeds:
-            safety.check_feedable(model)  # reliability: one line, not a numpy allocation error
-            context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
-        with _Freezer() as freezer:
-            frozen = freezer.freeze(model)
-            original = _run_all(frozen, context.verify_feeds, "the input model")
-            before = model_stats(model).to_dict()
-            previous, previous_frozen = original, frozen
-            records: list[PassRecord] = []
-            needs_ort = False
+        model = _working_copy(model, context)
+        statistics = Statistics()
+        instruments: list[PassInstrument] = [
+            Timing(), Verification(context.verify_feeds, check_passes=self.verify,
+                                   fall_back=self.on_breach == "fallback")]
+        if self.checkpoint_dir is not None:
+            instruments.append(Checkpoints(self.checkpoint_dir))
+        instruments.append(statistics)
+        records: list[PassRecord] = []
+        warnings: list[dict[str, Any]] = []
+        needs_ort = False
+
+        def report(*extra: dict[str, Any]) -> OptimizationReport:
+            """The report so far (``after``: the last recorded pass's statistics)."""
+            after = records[-1].stats if records else statistics.before
+            return OptimizationReport(self.name, statistics.before, after, records, needs_ort,
+                                      origin, warnings=[*warnings, *extra])
+
+        with contextlib.ExitStack() as stack:
+            for instrument in instruments:
+                stack.callback(instrument.exit_pipeline)
+                instrument.enter_pipeline(model)
             for index, step in enumerate(self.steps):
                 if progress is not None:
                     progress(index, step.name)
-                opt_pass: OptPass = step.build(context)
-                start = time.perf_counter()
-                gate_error: QualityGateError | None = None
-                try:
-                    result = opt_pass(model)
-                except VerificationError:
-                    raise
-                except QualityGateError as exc:
-                    gate_error = exc
-                    result = ir.passes.PassResult(model, True)
-                except OnnxoptError:
-                    raise
-                except ir.passes.PassError as exc:
-                    raise InternalError(f"pass '{step.name}' failed: {exc}") from exc
-                except Exception as exc:  # reliability: see _unexpected
-                    raise _unexpected(step.name, exc) from exc
-                seconds = time.perf_counter() - start
-                model = result.model
+                step_run = StepRun(index, step.name, step.build(context))
+                for instrument in instruments:
+                    instrument.run_before_pass(step_run, model)
+                result, gate_error = _call(step_run.opt_pass, model, step.name)
+                model = step_run.model = result.model
+                step_run.modified = result.modified
                 release_mappings(model)  # big models: pages the pass read stop counting
-                needs_ort = needs_ort or (result.modified and opt_pass.needs_onnxruntime)
-                fidelity: dict[str, dict[str, float]] = {}
-                drift: dict[str, dict[str, float]] = {}
-                if result.modified and self.verify:
-                    frozen = freezer.freeze(model)
-                    _check_written(frozen, step.name)
-                    outputs = _run_all(frozen, context.verify_feeds,
-                                       f"the model after pass '{step.name}'")
-                    fidelity = _verify(step.name, opt_pass.budget(), previous, outputs,
-                                       previous_frozen, frozen, context.verify_feeds)
-                    drift = _compare_all(original, outputs)
-                    freezer.release(previous_frozen)
-                    previous, previous_frozen = outputs, frozen
-                if self.checkpoint_dir is not None:
-                    save_model(model, self.checkpoint_dir / f"{index + 1:02d}-{step.name}.onnx")
-                records.append(PassRecord(
-                    name=step.name, options=step.options, modified=result.modified,
-                    seconds=seconds, stats=model_stats(model).to_dict(),
-                    budget=opt_pass.budget().describe(), fidelity=fidelity, drift=drift,
-                    notes=opt_pass.notes,
-                ))
+                try:
+                    for instrument in instruments:
+                        instrument.run_after_pass(step_run)
+                except VerificationError as exc:
+                    exc.report = report(exc.to_dict())
+                    raise
+                assert step_run.model is not None
+                model = step_run.model  # the pass's result, or its input if it was undone
+                if step_run.breach is not None:
+                    warnings.append(step_run.breach)
+                    _note_undone(step_run.opt_pass.notes, step_run.breach)
+                needs_ort = needs_ort or (step_run.modified and step_run.opt_pass.needs_onnxruntime)
+                records.append(_record(step, step_run))
                 if gate_error is not None:
                     provenance.stamp(model, origin)
-                    gate_error.partial = (model, OptimizationReport(  # type: ignore[attr-defined]
-                        self.name, before, records[-1].stats, records, needs_ort, origin))
+                    gate_error.partial = (model, report())
                     raise gate_error
-        after = records[-1].stats if records else before
         provenance.stamp(model, origin)
-        return model, OptimizationReport(self.name, before, after, records, needs_ort, origin)
+        return model, report()
+
+
+def _working_copy(model: ir.Model, context: PassContext) -> ir.Model:
+    """The copy the passes rewrite, and verification inputs in ``context`` if it had none."""
+    model = model.clone()
+    if has_external_tensors(model) and not is_big(model):
+        # Reliability: external data is kept only where protobuf needs it (over the
+        # threshold); below, tensors come into memory so every pass sees ordinary tensors
+        # and the output is one self-contained file. (The clone's values are replaced; the
+        # caller's model still maps its files.)
+        ir.external_data.load_to_model(model)
+    if not context.verify_feeds:
+        safety.check_feedable(model)  # reliability: one line, not a numpy allocation error
+        context.verify_feeds = [synthesize_feeds(model, batch=2, seed=context.seed)]
+    return model
+
+
+def _call(opt_pass: OptPass, model: ir.Model,
+          name: str) -> tuple[ir.passes.PassResult, QualityGateError | None]:
+    """Run one pass; a missed budget of its own comes back with its best candidate in the model."""
+    try:
+        return opt_pass(model), None
+    except VerificationError:
+        raise
+    except QualityGateError as exc:
+        return ir.passes.PassResult(model, True), exc
+    except OnnxoptError:
+        raise
+    except ir.passes.PassError as exc:
+        raise InternalError(f"pass '{name}' failed: {exc}") from exc
+    except Exception as exc:  # reliability: see _unexpected
+        raise _unexpected(name, exc) from exc
+
+
+def _note_undone(notes: dict[str, Any], breach: dict[str, Any]) -> None:
+    """The pass's notes say it was undone, and why (the console prints ``warning``)."""
+    undone = f"undone, the model before this pass is kept: {breach['message']}"
+    notes["warning"] = f"{notes['warning']}; {undone}" if notes.get("warning") else undone
+    notes["verification"] = breach
+
+
+def _record(step: Step, run: StepRun) -> PassRecord:
+    return PassRecord(name=step.name, options=step.options, modified=run.modified,
+                      seconds=run.seconds, stats=run.stats,
+                      budget=run.opt_pass.budget().describe(), fidelity=run.fidelity,
+                      drift=run.drift, notes=run.opt_pass.notes)
 
 
 def _unexpected(pass_name: str, exc: Exception) -> InternalError:
@@ -211,141 +243,7 @@ def _unexpected(pass_name: str, exc: Exception) -> InternalError:
     limitation, not bad input: exit 3, one line with the pass and the cause; ``--debug`` shows
     the traceback for a bug report."""
     return InternalError(f"pass '{pass_name}' cannot handle this model ({type(exc).__name__}: "
-                      f"{one_line(exc)}); rerun with --debug for the traceback")
-
-
-Frozen = bytes | str  # serialized model, or the path of a temporary file with external data
-
-
-class _Freezer:
-    """Models in the form ONNX Runtime and the checker take.
-
-    Bytes for a small model; otherwise (over ``FILE_SESSION_THRESHOLD``, or tensors still in
-    external files) a file with external data in a private temporary folder: protobuf cannot
-    serialize 2 GB, a model read from external data would otherwise be resolved against the
-    working directory, and ORT maps an aligned file where it would copy bytes three times.
-    Removed on exit.
-    """
-
-    def __init__(self) -> None:
-        self._folder: tempfile.TemporaryDirectory[str] | None = None
-        self._count = 0
-
-    def __enter__(self) -> _Freezer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._folder is not None:
-            with deferred_signals():
-                self._folder.cleanup()
-
-    def freeze(self, model: ir.Model) -> Frozen:
-        if not needs_external_data(model) and not better_as_file(model):
-            return ir.serde.serialize_model(model).SerializeToString()
-        if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")
-        self._count += 1
-        path = Path(self._folder.name) / f"step{self._count}.onnx"
-        ir.save(model, path, external_data=path.name + ".data",
-                alignment=EXTERNAL_DATA_ALIGNMENT)
-        release_mappings(model)  # every page was read for the copy; ORT maps the copy next
-        return str(path)
-
-    def release(self, frozen: Frozen) -> None:
-        """Delete a frozen file no longer needed (a 2 GB model per step adds up)."""
-        if isinstance(frozen, str):
-            for name in (frozen, frozen + ".data", frozen + ".probe.onnx"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
-
-
-def _check_written(frozen: Frozen, pass_name: str) -> None:
-    try:
-        check_proto(frozen)  # bytes as they are: a parsed copy would cost the model's size again
-    except InputError as exc:
-        raise InternalError(f"pass '{pass_name}' produced an invalid model: {exc.message}") from exc
-
-
-def _run_all(frozen: Frozen, feeds: list[Feeds], what: str) -> list[dict[str, np.ndarray]]:
-    """Reference outputs for every feed batch."""
-    try:
-        session = runner.reference_session(frozen)
-        return [_bounded(session, f) for f in feeds]
-    except RunTimeLimit as exc:
-        raise InputError(f"{what}: {exc}") from exc
-    except Exception as exc:  # ORT raises its own exception types for load and run failures
-        # the input model is the user's; a pass's output that ORT refuses is the pass's fault
-        error = InputError if what == "the input model" else InternalError
-        raise error(f"{what} does not run in ONNX Runtime: {one_line(exc)}") from exc
-
-
-def _bounded(session: Any, feeds: Feeds) -> dict[str, np.ndarray]:
-    """``runner.run`` with a time limit (reliability: an endless Loop is an error, not a hang)."""
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, bounded_run(session, dict(feeds), outputs=names)))
-
-
-def _compare_all(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Worst case over batches of every metric, per output."""
-    result: dict[str, dict[str, float]] = {}
-    for r_batch, o_batch in zip(ref, out):
-        for name, r in r_batch.items():
-            m = metrics.compare(r, o_batch[name]) if r.shape == o_batch[name].shape else {
-                "max_abs": float("inf"), "max_rel": float("inf"), "cosine": 0.0, "sqnr_db": 0.0}
-            worst = result.setdefault(name, m)
-            for key in ("max_abs", "max_rel"):
-                worst[key] = max(worst[key], m[key])
-            for key in ("cosine", "sqnr_db"):
-                worst[key] = min(worst[key], m[key])
-    return result
-
-
-def _verify(pass_name: str, budget: metrics.Budget, ref: list[dict[str, np.ndarray]],
-            out: list[dict[str, np.ndarray]], before: Frozen, after: Frozen,
-            feeds: list[Feeds]) -> dict[str, dict[str, float]]:
-    """Raise :class:`VerificationError` naming the pass, the output and the culprit node."""
-    for r_batch, o_batch in zip(ref, out):
-        for name, r in r_batch.items():
-            if name not in o_batch:
-                raise VerificationError(pass_name, name, None, "output disappeared")
-            breach = budget.check(r, o_batch[name])
-            if breach:
-                node = _first_diverging_node(before, after, feeds[0], budget)
-                raise VerificationError(pass_name, name, node, breach)
-    return _compare_all(ref, out)
-
-
-def _first_diverging_node(before_frozen: Frozen, after_frozen: Frozen, feeds: Feeds,
-                          budget: metrics.Budget) -> str | None:
-    """The earliest node of the rewritten graph whose output breaches the budget.
-
-    Only tensors that keep their name across the pass can be compared; the first one (in the
-    rewritten graph's topological order) that breaches points at the rewrite that went wrong.
-    """
-    before, after = _graph_of(before_frozen), _graph_of(after_frozen)
-    produced_before = {o for node in before.graph.node for o in node.output}
-    candidates = [(node, o) for node in after.graph.node for o in node.output if o in produced_before]
-    names = [o for _, o in candidates]
-    if not names:
-        return None
-    ref, out = (_run_with_outputs(f, names, feeds) for f in (before_frozen, after_frozen))
-    for node, name in candidates:
-        if budget.check(ref[name], out[name]):
-            return f"{node.name or '?'} ({node.op_type}) -> '{name}'"
-    return None
-
-
-def _graph_of(frozen: Frozen) -> onnx.ModelProto:
-    """The protobuf of a frozen model (without external data: graph structure only)."""
-    if isinstance(frozen, bytes):
-        return onnx.load_from_string(frozen)
-    return onnx.load(frozen, load_external_data=False)
-
-
-def _run_with_outputs(frozen: Frozen, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
-    with activations.outputs_added(frozen, names) as source:  # a file: beside it, no tensor copy
-        session = runner.reference_session(source)
-    return _bounded(session, feeds)
+                         f"{one_line(exc)}); rerun with --debug for the traceback")
 
 
 def jsonable(obj: Any) -> Any:

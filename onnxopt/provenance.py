@@ -34,15 +34,15 @@ def versions() -> dict[str, str]:
             "onnx_version": onnx.__version__, "onnx_ir_version": ir.__version__}
 
 
-def target_isa(target: str | None) -> str:
-    """The CPU target the passes optimized for: the ``--target`` given, else this machine's."""
-    from onnxopt.int8_target import resolve_target
+def target_isa(isa: str | None) -> str:
+    """The CPU (ISA) the passes optimized for: the ``--target`` given, else this machine's."""
+    from onnxopt.isa import resolve_target
 
-    return resolve_target(target).name
+    return resolve_target(isa).name
 
 
 def record(source: ir.Model, recipe: str, steps: Iterable[Any], seed: int,
-           target: str | None) -> dict[str, str]:
+           isa: str | None) -> dict[str, str]:
     """The provenance of optimizing ``source`` (all values strings, as ONNX metadata needs)."""
     return {
         **versions(),
@@ -51,7 +51,7 @@ def record(source: ir.Model, recipe: str, steps: Iterable[Any], seed: int,
                                    sort_keys=True, separators=(",", ":"), default=str),
         "seed": str(seed),
         "source_sha256": source_sha256(source),
-        "target_isa": target_isa(target),
+        "target_isa": target_isa(isa),
     }
 
 

@@ -26,6 +26,9 @@ class PassContext:
     ``calibration``: representative input batches (for quantization, pruning refits).
     ``evaluation``: ``(feeds, labels)`` for accuracy-aware passes, labels may be ``None``.
     ``verify_feeds``: the seeded inputs the pipeline verifies on (always at least one batch).
+    ``isa``: the CPU instruction set the model is optimized for (``optimize --target``, a name
+    of :data:`onnxopt.isa.TARGETS`); ``None``: this machine's. Not the machine a benchmark runs
+    on (``bench --target``, :mod:`onnxopt.targets`). ``target=`` is accepted as its old name.
     ``max_memory``: the user's memory budget in bytes (``--max-memory``), for passes that run
     the model on many samples at once.
     ``provenance``: the metadata the pipeline stamps into the output model after the last pass;
@@ -39,10 +42,22 @@ class PassContext:
     evaluation: tuple[dict[str, np.ndarray], np.ndarray | None] | None = None
     verify_feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     seed: int = 0
-    target: str | None = None
+    isa: str | None = None
     max_memory: int | None = None
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)
     threads: list[int] | None = None
+    target: dataclasses.InitVar[str | None] = None  # the old name of ``isa``
+
+    def __post_init__(self, target: str | None) -> None:
+        if target is not None:
+            if self.isa not in (None, target):
+                raise ValueError(f"PassContext: isa={self.isa!r} and target={target!r} disagree")
+            self.isa = target
+
+
+# Read access by the old name too (the class attribute the InitVar default left is replaced).
+PassContext.target = property(lambda self: self.isa,  # type: ignore[assignment,misc]
+                              doc="The old name of ``isa`` (read-only).")
 
 
 @dataclasses.dataclass
@@ -55,6 +70,20 @@ class OptPass(ir.passes.InPlacePass):
 
     Subclasses set ``name``, ``summary`` and ``Config``, implement ``call()``, and override
     ``budget()`` when the pass is lossy. ``self.notes`` (plain data) lands in the pass's report record.
+
+    The contract (the pipeline and its instruments rely on it, not on an order of calls):
+
+    - The pipeline builds one instance per step and calls it once, on the model to rewrite;
+      ``call()`` works in place and returns ``PassResult(model, modified)``. A pass that misses
+      a budget of its own leaves its best candidate in the model and raises
+      :class:`~onnxopt.errors.QualityGateError`.
+    - ``budget()`` depends on ``config`` and ``context`` only: it may be called at any time,
+      before or after ``call()``, any number of times, and gives the same answer. (The
+      pipeline verifies with it after ``call()``; nothing a call found may widen it.)
+    - On ``self`` a pass keeps ``config`` and ``context`` (both read-only) and ``notes``
+      (written by ``call()``, read by the pipeline afterwards). The working state of a call
+      (data chosen for fitting, sets of nodes) lives in locals and arguments, never in
+      attributes of the instance or the class.
     """
 
     name: ClassVar[str]

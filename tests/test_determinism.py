@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt import provenance
 from onnxopt.cli import main
 from onnxopt.recipes import builtin_recipes
-from onnxopt.int8_target import resolve_target
+from onnxopt.isa import resolve_target
 
 # Settings that make a recipe's choices depend on the seed only: INT8's latency race between
 # candidates is timing, so it is pinned off here (the other recipes need nothing).

@@ -171,7 +171,7 @@ def test_signal_while_writing_keeps_the_old_output(tmp_path: Path, monkeypatch: 
 _STALLED = """
 import os, sys
 from pathlib import Path
-from onnxopt import isolation, pipeline
+from onnxopt import isolation, instruments as pipeline
 isolation.FORCED_EXIT_GRACE_S = 1.0
 _run = pipeline.bounded_run
 

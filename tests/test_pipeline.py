@@ -88,12 +88,48 @@ def test_cleanup_is_idempotent(mlp_model: onnx.ModelProto) -> None:
 
 def test_breach_names_pass_output_and_node(test_passes: None, mlp_model: onnx.ModelProto) -> None:
     with pytest.raises(VerificationError) as info:
-        onnxopt.optimize(mlp_model, ["cleanup", "test-scale-weights"])
+        onnxopt.optimize(mlp_model, ["cleanup", "test-scale-weights"], on_breach="raise")
     err = info.value
     assert err.pass_name == "test-scale-weights" and err.output == "y"
     # The first weight touched is the first MatMul's: that is where the outputs diverge.
     assert err.node is not None and "(MatMul)" in err.node and "'h'" in err.node
     assert "max abs error" in str(err) and err.exit_code == 1
+    # it carries the report up to the last verified pass, the breach among its warnings
+    assert err.report is not None and [r.name for r in err.report.passes] == ["cleanup"]
+    assert err.report.warnings == [err.to_dict()]
+
+
+def test_a_breaching_pass_is_undone_and_reported(test_passes: None, mlp_model: onnx.ModelProto,
+                                                 tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The default: the pass that breached is undone, the run goes on, the report says so."""
+    recipe = ["cleanup", "test-scale-weights", {"pass": "test-scale-weights", "factor": 2.0,
+                                                "tolerance": 0.999}]
+    out, report = onnxopt.optimize(mlp_model, recipe)
+    undone, kept = report.passes[1], report.passes[2]
+    assert undone.modified is False and undone.fidelity == {}
+    assert "undone" in undone.notes["warning"] and undone.notes["verification"]["output"] == "y"
+    assert kept.modified and kept.fidelity  # the next pass ran on the model before the breach
+    [warning] = report.warnings
+    assert warning["pass"] == "test-scale-weights" and warning["output"] == "y"
+    assert "(MatMul)" in warning["node"] and "undone" in report.to_markdown()
+    # the output is the cleaned model scaled once by 2 (outputs x4), not by 1.5 as well
+    x = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    ref = run(reference_session(mlp_model.SerializeToString()), x)["y"]
+    got = run(reference_session(ir.serde.serialize_model(out).SerializeToString()), x)["y"]
+    np.testing.assert_allclose(got, 4.0 * ref, rtol=1e-5, atol=1e-5)
+    # the CLI writes the model and the report, exits 0 and prints the warning
+    from onnxopt.cli import main
+
+    source, recipe_file = tmp_path / "in.onnx", tmp_path / "r.json"
+    onnx.save(mlp_model, source)
+    recipe_file.write_text(json.dumps({"steps": recipe[:2]}))
+    assert main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--recipe",
+                 str(recipe_file), "--report", str(tmp_path / "rep")]) == 0
+    written = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert written["warnings"][0]["pass"] == "test-scale-weights"
+    assert (tmp_path / "out.onnx").is_file()
+    assert "warning: test-scale-weights: undone" in capsys.readouterr().err
 
 
 def test_lossy_pass_within_declared_budget(test_passes: None, mlp_model: onnx.ModelProto) -> None:
@@ -226,3 +262,20 @@ def test_every_builtin_recipe_leaves_the_callers_protobuf_untouched(recipe: str)
                                    if recipe == "int8" else {})
     assert proto.SerializeToString() == given
     assert report.passes  # the recipe ran
+
+
+def test_budget_is_declared_before_the_pass_runs(mlp_model: onnx.ModelProto) -> None:
+    """The pass contract: ``budget()`` reads only the config and the context, so a fresh pass
+    declares the budget the pipeline then verifies with (the record shows the one it used)."""
+    from onnxopt.registry import PassContext, catalogue
+
+    for name, cls in catalogue().items():  # no pass needs call() to have run
+        assert cls().budget().describe(), name
+    quantize = catalogue()["quantize"]
+    config = make_config(quantize, {"max_drop": 0.05, "measure_latency": False})
+    declared = quantize(config).budget().describe()
+    assert declared == "cosine >= 0.94"
+    assert quantize(config, PassContext(evaluation=({}, None))).budget().kind == "none"
+    _, report = onnxopt.optimize(
+        mlp_model, [{"pass": "quantize", "max_drop": 0.05, "measure_latency": False}])
+    assert report.passes[0].modified and report.passes[0].budget == declared

@@ -20,7 +20,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-from onnxopt.int8_target import is_host, resolve_target
+from onnxopt.isa import is_host, resolve_target
 from onnxopt.metrics import Budget
 from onnxopt.model_io import is_big
 from onnxopt.passes._shared.surgery import replace_contents
@@ -150,7 +150,7 @@ class FuseTransformerPass(OptPass):
             return {}
         notes: dict[str, Any] = {"rewritten": count}
         if cfg.split_layer_norms == "auto":
-            target = resolve_target(self.context.target)
+            target = resolve_target(self.context.isa)
             if not is_host(target):  # as the quantize pass: timing here says nothing there
                 return {**notes, "kept": False,
                         "why": f"target {target.name} is not this machine: not timed"}

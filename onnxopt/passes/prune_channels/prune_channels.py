@@ -107,7 +107,6 @@ class PruneChannelsPass(OptPass):
     summary = ("Remove whole channels, neurons and attention heads by dependency groups; refit "
                "consumers by least squares on calibration data.")
     Config = PruneChannelsConfig
-    _fit_data: Sequence[Feeds] = ()  # the calibration batches fitting may use (set per call)
 
     def budget(self) -> Budget:
         if self.config.min_cosine <= 0:
@@ -126,11 +125,13 @@ class PruneChannelsPass(OptPass):
     def _call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: PruneChannelsConfig = self.config
         _prepare(model)
-        self._fit_data = self.context.calibration or ()
-        source, check = self._check_feeds(model) if cfg.min_cosine > 0 and cfg.fit_budget \
-            else ("", [])
+        # fit: the calibration batches fitting may use (all, or all but a held-out one)
+        fit: Sequence[Feeds] = self.context.calibration or ()
+        source, check = ("", [])
+        if cfg.min_cosine > 0 and cfg.fit_budget:
+            source, check, fit = self._check_feeds(model)
         if not check:
-            return ir.passes.PassResult(model, self._prune(model, cfg, self.notes))
+            return ir.passes.PassResult(model, self._prune(model, cfg, self.notes, fit))
         # Budget fitting: prune a copy, measure it, halve the ratio while the cosine is short.
         # A copy, because this pass works in place and a miss must leave the model as it was.
         reference = _outputs(model, check)
@@ -139,7 +140,7 @@ class PruneChannelsPass(OptPass):
         ratio = cfg.ratio
         for _ in range(FIT_RETRIES + 1):
             trial, notes = model.clone(), {}
-            if not self._prune(trial, dataclasses.replace(cfg, ratio=ratio), notes):
+            if not self._prune(trial, dataclasses.replace(cfg, ratio=ratio), notes, fit):
                 break
             cosine = _worst_cosine(reference, _outputs(trial, check))
             tries.append({"ratio": ratio, "cosine": round(cosine, 6),
@@ -159,20 +160,22 @@ class PruneChannelsPass(OptPass):
         _tidy(model)
         return ir.passes.PassResult(model, False)
 
-    def _prune(self, model: ir.Model, cfg: PruneChannelsConfig, notes: dict[str, Any]) -> bool:
-        """Prune ``model`` (prepared) in place at ``cfg``; fill ``notes``; whether it changed."""
+    def _prune(self, model: ir.Model, cfg: PruneChannelsConfig, notes: dict[str, Any],
+               fit: Sequence[Feeds]) -> bool:
+        """Prune ``model`` (prepared) in place at ``cfg``, fitting on ``fit``; fill ``notes``;
+        whether it changed."""
         channels = analyze_channels(model.graph, model.opset_imports.get("", 17))
-        plan, group_notes = _select(channels, cfg, self._scorer(model, channels, cfg, notes))
+        plan, group_notes = _select(channels, cfg, self._scorer(model, channels, cfg, notes, fit))
         notes.update(groups=group_notes, ratio=cfg.ratio, scope=cfg.scope)
         if not plan:
             _tidy(model)
             notes["removed_units"] = 0
             return False
-        shapes = self._shapes()
+        shapes = self._shapes(fit)
         macs_before = _total_macs(model, shapes)
         removed = removed_atoms(plan)
         kept = kept_indices(channels, removed)
-        recon = self._reconstruction(model, kept, notes)
+        recon = self._reconstruction(model, kept, notes, fit)
         if recon is not None:
             recon.record_targets()
         remove_units(channels, plan)
@@ -185,8 +188,9 @@ class PruneChannelsPass(OptPass):
             macs_ratio=round(macs_after / macs_before, 4) if macs_before else None)
         return True
 
-    def _check_feeds(self, model: ir.Model) -> tuple[str, list[dict[str, np.ndarray]]]:
-        """Held-out inputs the budget is fitted on, and what they are.
+    def _check_feeds(self, model: ir.Model
+                     ) -> tuple[str, list[dict[str, np.ndarray]], Sequence[Feeds]]:
+        """Held-out inputs the budget is fitted on, what they are, and the batches left to fit.
 
         Never data the refit saw: a least-squares refit on one image matches that image almost
         exactly (cosine 1.0 on light densenet121, 0.77 on other inputs). With several
@@ -195,37 +199,38 @@ class PruneChannelsPass(OptPass):
         """
         calibration = self.context.calibration
         if calibration and len(calibration) > 1:
-            self._fit_data = _Head(calibration, len(calibration) - 1)
-            return "last calibration batch (held out of fitting)", [calibration[-1]]
+            return ("last calibration batch (held out of fitting)", [calibration[-1]],
+                    _Head(calibration, len(calibration) - 1))
         batch = next(iter(calibration[0].values())).shape[0] if calibration else 2
+        fit = calibration or ()
         try:
             feeds = synthesize_feeds(model, batch=batch, seed=self.context.seed + FIT_SEED)
         except InputError:  # inputs with free dimensions other than the batch
-            return "verification feeds", list(self.context.verify_feeds or [])
-        return "synthesized inputs", [feeds]
+            return "verification feeds", list(self.context.verify_feeds or []), fit
+        return "synthesized inputs", [feeds], fit
 
-    def _shapes(self) -> dict[str, list[int]] | None:
+    def _shapes(self, fit: Sequence[Feeds]) -> dict[str, list[int]] | None:
         """Input shapes to count MACs at: the verification (else calibration) batch's."""
-        feeds = (self.context.verify_feeds or self._fit_data or [None])[0]
+        feeds = (self.context.verify_feeds or fit or [None])[0]
         return None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}
 
     def _scorer(self, model: ir.Model, channels: ChannelGraph, cfg: PruneChannelsConfig,
-                notes: dict[str, Any]) -> Callable[[ChannelGroup], Scores]:
+                notes: dict[str, Any], fit: Sequence[Feeds]) -> Callable[[ChannelGroup], Scores]:
         """The importance function the config asks for (data-aware ones need calibration)."""
         norm = cfg.importance if cfg.importance in ("l1", "l2") else "l2"
         if cfg.importance in ("l1", "l2"):
             return lambda group: (weight_importance(group, norm), False)
-        if not self._fit_data:
+        if not fit:
             notes["importance"] = f"l2 ({cfg.importance} importance needs calibration data)"
             return lambda group: (weight_importance(group, norm), False)
         eligible = [g for g in channels.groups if _skip_reason(g, cfg) is None]
         inputs = {x.name: (x, axis) for g in eligible for _, x, axis in consumer_inputs(g)}
-        rms = channel_rms(model, list(inputs.values()), self._fit_data) if inputs else {}
+        rms = channel_rms(model, list(inputs.values()), fit) if inputs else {}
         grams: dict[str, np.ndarray] = {}
         if cfg.importance == "reconstruction":
             dense = [d[1] for d in map(dense_consumer, eligible) if d is not None]
             grams = gram_matrices(model, [inputs[x.name] for x in dense],
-                                  self._fit_data) if dense else {}
+                                  fit) if dense else {}
 
         def score(group: ChannelGroup) -> Scores:
             limit = None if cfg.scope == "global" else _group_removal(group, cfg)
@@ -238,11 +243,11 @@ class PruneChannelsPass(OptPass):
         return score
 
     def _reconstruction(self, model: ir.Model, kept: dict[Key, np.ndarray],
-                        notes: dict[str, Any]) -> Reconstruction | None:
+                        notes: dict[str, Any], fit: Sequence[Feeds]) -> Reconstruction | None:
         cfg: PruneChannelsConfig = self.config
         if not (cfg.reconstruct or cfg.recalibrate_bn):
             return None
-        if not self._fit_data:
+        if not fit:
             notes["reconstruction"] = "skipped: no calibration data"
             return None
         consumers = _consumers(kept) if cfg.reconstruct else []
@@ -250,7 +255,7 @@ class PruneChannelsPass(OptPass):
             if cfg.recalibrate_bn else []
         if not consumers and not batchnorms:
             return None
-        return Reconstruction(model, consumers, batchnorms, self._fit_data,
+        return Reconstruction(model, consumers, batchnorms, fit,
                               samples=cfg.samples, ridge=cfg.ridge, seed=self.context.seed)
 
 

@@ -3,7 +3,7 @@
 prepare -> calibrate -> convert, with ONNX Runtime's quantizer doing the rewriting, and four
 decisions around it (each in its own module):
 
-* **target** (:mod:`onnxopt.int8_target`): U8S8 on x86 with VNNI/AMX, 7-bit weights without VNNI,
+* **target** (:mod:`onnxopt.isa`): U8S8 on x86 with VNNI/AMX, 7-bit weights without VNNI,
   S8S8 on ARM; the choice and its reason go into the notes;
 * **safety** (:mod:`onnxopt.passes.quantize._safety`): tensors 8 bits would wipe out (an attention mask of
   float32 min, outlier-stretched ranges) stay float, found from their numbers, not names;
@@ -56,7 +56,7 @@ from onnxopt.passes.quantize._safety import FloatPlan, float_plan, unsafe_tensor
 from onnxopt.passes.quantize._search import Outcome, SearchSettings, search
 from onnxopt.passes.quantize._sensitivity import node_sqnr
 from onnxopt.registry import OptPass, option, register
-from onnxopt.int8_target import QuantTarget, detect_cpu, is_host, resolve_target
+from onnxopt.isa import QuantTarget, detect_cpu, is_host, resolve_target
 
 # Without evaluation data, fidelity to FP32 on calibration inputs is the metric: mean cosine.
 FIDELITY_SAMPLES = 128
@@ -64,6 +64,8 @@ SYNTHETIC_SAMPLES = 16
 EVAL_BATCH_SIZE = 256  # samples per run of the accuracy check, unless --max-memory says fewer
 # Latency: at least this many timed runs per model and thread count, whatever the budget says.
 MIN_TIMED_RUNS = 15
+# Verification floor without evaluation data: the pipeline's cosine check, at most this.
+COSINE_FLOOR = 0.98
 
 
 @dataclasses.dataclass
@@ -148,23 +150,29 @@ class QuantizePass(OptPass):
                "nodes where INT8 is slower stay FP32; accuracy budget by per-node fallback.")
     Config = QuantizeConfig
 
-    def __init__(self, config: Any | None = None, context: Any = None) -> None:
-        super().__init__(config, context)
-        self._user_evaluation = False
-        self._cosine_floor = 0.98
-        self._shallow: set[str] = set()
-        self._threads: list[int] = []
+    def _deploy_threads(self) -> list[int]:
+        """The thread counts latency decides at: the pass option, else the pipeline's."""
+        return deploy_threads(self.config.threads or self.context.threads)
 
     def budget(self) -> Budget:
-        if self._user_evaluation:
+        """From the config and the context alone (the pass contract): with the user's
+        evaluation data, the accuracy search is the check; else a cosine floor that leaves
+        room for the search's own ``max_drop`` (at most 0.98)."""
+        if self.context.evaluation is not None:
             return Budget("none")
-        return Budget("cosine", min_value=self._cosine_floor)
+        try:
+            metric = resolve_metric(self.config.metric, False)
+        except InputError:  # call() reports the bad metric; the floor is the default then
+            return Budget("cosine", min_value=COSINE_FLOOR)
+        if metric.name != "cosine":
+            return Budget("cosine", min_value=COSINE_FLOOR)
+        max_drop = metric.default_max_drop if self.config.max_drop is None else self.config.max_drop
+        return Budget("cosine", min_value=min(COSINE_FLOOR, 1.0 - float(max_drop) - 0.01))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: QuantizeConfig = self.config
-        self._threads = deploy_threads(cfg.threads or self.context.threads)
         cpu = detect_cpu()
-        target = resolve_target(cfg.target if cfg.target != "auto" else self.context.target, cpu)
+        target = resolve_target(cfg.target if cfg.target != "auto" else self.context.isa, cpu)
         measurable = cfg.measure_latency and is_host(target, cpu)
         self.notes["target"] = {
             "name": target.name, "choice": target.describe(), "reason": target.reason,
@@ -220,13 +228,14 @@ class QuantizePass(OptPass):
                 self._latency_decision(best.label(), timings[best])
                 self.notes["decision"] = (
                     f"kept FP32: no INT8 candidate was {cfg.min_speedup:g}x faster than FP32 at "
-                    f"{_threads(self._threads)} (best: {best.label()}, "
+                    f"{_threads(self._deploy_threads())} (best: {best.label()}, "
                     f"{decisions[best.label()].describe()}): Quantize/Dequantize overhead "
                     "outweighs the integer arithmetic on this model")
                 self.notes["warning"] = self.notes["decision"]
                 ranking = node_sqnr(prepared, best, table, activations)
-                self.notes.update(sensitivity_report(prepared, ranking, None, plan,
-                                                     self._shallow, cfg.min_depth, None))
+                self.notes.update(sensitivity_report(
+                    prepared, ranking, None, plan, _shallow_nodes(prepared, cfg.min_depth),
+                    cfg.min_depth, None))
                 return ir.passes.PassResult(model, False)
         cache = dict(protos)
 
@@ -260,16 +269,15 @@ class QuantizePass(OptPass):
             self.notes["decision"] = ("kept FP32: every INT8 candidate lost its speed-up once "
                                       "the accuracy search had moved nodes back to FP32")
             self.notes["warning"] = self.notes["decision"]
-            self.notes.update(sensitivity_report(prepared, [], None, plan, self._shallow,
-                                                 cfg.min_depth, None))
+            self.notes.update(sensitivity_report(
+                prepared, [], None, plan, _shallow_nodes(prepared, cfg.min_depth),
+                cfg.min_depth, None))
             return ir.passes.PassResult(model, False)
         replace_contents(model, ir.serde.deserialize_model(result.proto))
-        self._user_evaluation = evaluator.source == "evaluation data"
-        if evaluator.metric.name == "cosine" and not self._user_evaluation:
-            self._cosine_floor = min(0.98, 1.0 - evaluator.max_drop - 0.01)
         output_sqnr = _output_sqnr(result.proto, activations, sample, prepared)
         self.notes.update(sensitivity_report(prepared, outcome.ranking, result, plan,
-                                             self._shallow, cfg.min_depth, output_sqnr))
+                                             _shallow_nodes(prepared, cfg.min_depth),
+                                             cfg.min_depth, output_sqnr))
         summary = (f"{result.spec.label()}: {evaluator.metric.name} {result.score.value:.4g} "
                    f"(FP32 {evaluator.reference:.4g}, drop {result.score.drop:.3g} "
                    f"{evaluator.metric.unit}, allowed {evaluator.max_drop:g})")
@@ -285,7 +293,7 @@ class QuantizePass(OptPass):
             raise AccuracyBudgetError(
                 f"quantize: no INT8 candidate met the budget: {summary}", model, self.notes)
         self.notes["decision"] = f"INT8: {summary}"
-        if self._user_evaluation:
+        if self.context.evaluation is not None:
             self.notes["budget"] = ("not re-checked by the pipeline: the accuracy search on the "
                                     "user's evaluation data is the check (seeded verification "
                                     "inputs do not represent INT8 ranges)")
@@ -347,14 +355,14 @@ class QuantizePass(OptPass):
             runner.run(session, feeds)
         per_run = (time.perf_counter() - start) / 3
         budget = max(cfg.latency_budget_s, MIN_TIMED_RUNS * per_run * (len(candidates) + 1))
-        return measure_decided(fp32, candidates, feeds, self._threads, budget * scale,
+        return measure_decided(fp32, candidates, feeds, self._deploy_threads(), budget * scale,
                                cfg.min_speedup if threshold is None else threshold, **rules)
 
     def _latency_decision(self, label: str, timing: Timing) -> Decision:
         """The latency decision on the kept (or best) candidate, into the notes: which thread
         count decided, and whether the interval cleared the threshold or stayed uncertain."""
         decision = decide(timing, self.config.min_speedup)
-        self.notes["latency_decision"] = {"candidate": label, "threads": self._threads,
+        self.notes["latency_decision"] = {"candidate": label, "threads": self._deploy_threads(),
                                           **decision.to_dict()}
         return decision
 
@@ -449,12 +457,12 @@ class QuantizePass(OptPass):
             reduce_range=target.reduce_range if cfg.reduce_range is None else cfg.reduce_range,
             per_channel=bool(cfg.per_channel), exclude=frozenset(plan.static),
             quantize_compute_outputs=not plan.keep_compute_outputs_float)
-        self._shallow = {n.name for n in prepared.nodes if 0 < n.depth < cfg.min_depth}
+        shallow = _shallow_nodes(prepared, cfg.min_depth)
         specs: list[QuantSpec] = []
         if cfg.mode in ("auto", "static") and table is not None:
             specs.append(static)
-            if self._shallow - static.exclude and len(self._shallow) < len(prepared.nodes):
-                specs.append(static.with_exclude(self._shallow))
+            if shallow - static.exclude and len(shallow) < len(prepared.nodes):
+                specs.append(static.with_exclude(shallow))
         if cfg.mode in ("auto", "dynamic") and any(
                 n.op_type in DYNAMIC_OPS and n.weight for n in prepared.nodes):
             specs.append(dataclasses.replace(static, mode="dynamic", quant_format="qdq",
@@ -481,6 +489,11 @@ class QuantizePass(OptPass):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _shallow_nodes(prepared: PreparedModel, min_depth: int) -> set[str]:
+    """Compute nodes whose reduction depth is too small for INT8 to pay (Q/DQ-bound)."""
+    return {n.name for n in prepared.nodes if 0 < n.depth < min_depth}
 
 
 def _fixed_batch(model: ir.Model) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onnxopt.errors import InputError
-from onnxopt.int8_target import TARGETS, CpuFeatures, detect_cpu, is_host, parse_cpuinfo, resolve_target
+from onnxopt.isa import TARGETS, CpuFeatures, detect_cpu, is_host, parse_cpuinfo, resolve_target
 
 X86_VNNI = "processor\t: 0\nflags\t\t: fpu sse4_2 avx2 avx512f avx512bw avx512_vnni\n"
 X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
