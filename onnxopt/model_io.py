@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -95,10 +97,32 @@ def check_proto(proto: onnx.ModelProto | bytes | str, path: str | Path | None = 
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
+        if _only_an_ort_op(str(exc)):
+            return  # valid for ONNX Runtime, which loads and judges it next
         raise InputError(f"invalid ONNX model: {one_line(exc)}", path) from exc
     except ValueError as exc:  # the checker refuses protos over 2 GB; they are checked lazily
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
             raise InputError(f"invalid ONNX model: {one_line(exc)}", path) from exc
+
+
+_UNREGISTERED = re.compile(r"No Op registered for (\w+) with domain_version")
+
+
+def _only_an_ort_op(message: str) -> bool:
+    """True when the checker's complaint is an op that ONNX does not define but ONNX Runtime
+    registers in the default domain (``SimplifiedLayerNormalization``, which ORT's fusions and
+    the onnxscript rewriter write for RMSNorm): the model is valid for the runtime it targets."""
+    match = _UNREGISTERED.search(message)
+    return bool(match) and match.group(1) in _ort_default_domain_ops()
+
+
+@functools.cache
+def _ort_default_domain_ops() -> frozenset[str]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    onnx_ops = {schema.name for schema in onnx.defs.get_all_schemas()}
+    return frozenset(s.name for s in ort_c.get_all_operator_schema()
+                     if s.domain in ("", "ai.onnx") and s.name not in onnx_ops)
 
 
 def upgrade_opset(model: ir.Model, path: str | Path | None = None) -> ir.Model:

@@ -126,3 +126,30 @@ def test_minus_one_dims_read_as_dynamic(tmp_path: Path, mlp_model: onnx.ModelPro
     onnx.save(proto, str(path))
     with pytest.raises(InputError, match="negative dimension"):
         load_model(path)
+
+
+def _rms_norm_model(op_type: str) -> onnx.ModelProto:
+    """An RMSNorm written as ONNX Runtime's default-domain op (the onnxscript rewriter's and ORT's
+    fusions write it so for Llama-style decoders), or as an op nobody defines."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])
+    scale = helper.make_tensor("scale", onnx.TensorProto.FLOAT, [8], np.ones(8, np.float32))
+    node = helper.make_node(op_type, ["x", "scale"], ["y"], axis=-1, epsilon=1e-6)
+    graph = helper.make_graph([node], "rms", [x], [y], [scale])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_ort_default_domain_op_is_valid(tmp_path: Path) -> None:
+    """hf-llama's int8 ended in 'pass fuse-transformer produced an invalid model' because the ONNX
+    checker does not know SimplifiedLayerNormalization; ONNX Runtime registers it and runs it."""
+    from onnxopt.model_io import check_proto
+
+    model = _rms_norm_model("SimplifiedLayerNormalization")
+    check_proto(model)  # raised InputError before
+    path = tmp_path / "rms.onnx"
+    onnx.save(model, path)
+    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    got = run(reference_session(str(path)), {"x": x})["y"]
+    np.testing.assert_allclose(got, x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6), rtol=1e-5)
+    with pytest.raises(InputError, match="No Op registered for NotAnOp"):
+        check_proto(_rms_norm_model("NotAnOp"))

@@ -143,7 +143,8 @@ HF = [
     Architecture("hf-whisper-encoder", "hf", _hf(
         "WhisperConfig", "WhisperModel", _floats(80, 3000), part="encoder", d_model=128,
         encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512, decoder_layers=1,
-        decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=1000), slow=True),
+        decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=1000, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=0), slow=True),
     Architecture("hf-wav2vec2", "hf", _hf(
         "Wav2Vec2Config", "Wav2Vec2Model", _floats(16000), hidden_size=128,
         num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
