@@ -39,8 +39,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-if not out.is_terminal:  # redirected to a file or a pipe: tables are not hard-wrapped at 80
-    out.width = 10_000
+for _stream in (console, out):
+    if not _stream.is_terminal:  # redirected to a file or a pipe: tables are not hard-wrapped at 80
+        _stream.width = 10_000
 
 
 @app.callback()
@@ -163,10 +164,11 @@ def optimize(
 ) -> None:
     """Run a recipe of passes; each pass is verified against ONNX Runtime."""
     from onnxopt.api import load, optimize as run_optimize
+    from onnxopt.cli_summary import print_summary, step_description
     from onnxopt.feeds import load_evaluation
     from onnxopt.memory import parse_size
     from onnxopt.model_io import save_model
-    from onnxopt.stats import macs_text
+    from onnxopt.recipes import load_recipe
 
     budget = parse_size(max_memory) if max_memory is not None else None
     thread_counts = _parse_threads(threads) if threads else None
@@ -176,11 +178,12 @@ def optimize(
     if max_drop is not None:
         overrides["max_drop"] = _finite(max_drop, "--max-drop", low=0.0)
     evaluation = load_evaluation(eval_data, source) if eval_data is not None else None
+    total = len(load_recipe(recipe)[1])
     with _progress() as bar:
-        task = bar.add_task("optimizing", total=None)
+        task = bar.add_task("optimizing", total=total)
 
         def on_step(index: int, name: str) -> None:
-            bar.update(task, description=f"pass {name}", completed=index)
+            bar.update(task, description=step_description(index, total, name), completed=index)
 
         try:
             result, rep = run_optimize(
@@ -196,16 +199,7 @@ def optimize(
             raise
     with _staged_report(report, rep):  # the report is written first: a full disk stops both
         save_model(result, output, protect=None if force else model)
-    before, after = rep.before, rep.after
-    for record in rep.passes:  # e.g. a search that kept the model unchanged says so here
-        warning = record.notes.get("warning")
-        if warning:
-            console.print(f"warning: {record.name}: {warning}", markup=False, highlight=False,
-                          soft_wrap=True)
-    console.print(
-        f"wrote {output}: {before['size_bytes']:,} -> {after['size_bytes']:,} bytes, "
-        f"{macs_text(before)} -> {macs_text(after)} MACs, "
-        f"{before['nodes']} -> {after['nodes']} nodes")
+    print_summary(console, rep, model, output)
 
 
 def _staged_report(folder: Optional[Path], rep: Any) -> contextlib.AbstractContextManager[Any]:
