@@ -26,8 +26,44 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from onnxopt.errors import InputError, InternalError, OnnxoptError, QualityGateError, write_error
+from onnxopt.recipes import builtin_recipes
+
+class _HumanHelp:
+    """Help placeholders for people (``PATH``, ``N``, ``NAME=VALUE``), not Python types: typer
+    shows ``<bool>`` after flags and ``<list[str]>`` after repeatable options otherwise. Options
+    with their own ``metavar`` keep it; flags (and ``--help``) show none."""
+
+    _BY_TYPE = {"path": "PATH", "int": "N", "float": "NUMBER", "str": "TEXT"}
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if param.metavar is not None:
+                continue
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+                continue
+            bare = param.display_type(ctx).strip("<>").removeprefix("list[").removesuffix("]")
+            human = self._BY_TYPE.get(bare.lower(), bare.upper())
+            if param.param_type_name == "argument":  # name column MODEL, type column PATH
+                param.metavar = param.name.upper()
+                kind = human + ("..." if param.nargs != 1 else "")
+                param.display_type_rich = lambda ctx, kind=kind: kind
+            else:
+                param.metavar = human
+        return params
+
+
+class _Command(_HumanHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_HumanHelp, typer.core.TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Export, optimize and measure neural networks as ONNX; every pass verified.",
     add_completion=False,
     no_args_is_help=True,
@@ -96,7 +132,7 @@ def _parse_settings(settings: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     src: str = typer.Argument(..., help=".onnx | .keras | SavedModel dir | .pt2 | pkg.module:factory"),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the ONNX model."),
@@ -114,11 +150,11 @@ def export(
     console.print(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     model: Path = typer.Argument(..., help="An ONNX file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4 for MACs."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4 for MACs."),
 ) -> None:
     """Parameters, size (raw and zipped), MACs per op type and the op histogram."""
     from onnxopt.api import inspect as inspect_model
@@ -138,27 +174,29 @@ def inspect(
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def optimize(
     model: Path = typer.Argument(..., help="An ONNX file (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the optimized model."),
-    recipe: str = typer.Option("default", "--recipe", help="Built-in recipe name or a .toml/.json file."),
+    recipe: str = typer.Option(
+        "default", "--recipe", metavar="NAME|FILE",
+        help=f"Built-in recipe ({', '.join(builtin_recipes())}) or a .toml/.json file."),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz of stacked calibration inputs."),
     eval_data: Optional[Path] = typer.Option(
         None, "--eval", help=".npz of evaluation inputs, plus optional 'labels' array."),
     max_drop: Optional[float] = typer.Option(
         None, "--max-drop", help="Accuracy budget in points for accuracy-aware passes."),
-    target: Optional[str] = typer.Option(None, "--target", help="CPU target override (e.g. x86-vnni, arm64-dotprod)."),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="PASS.OPTION=VALUE (repeatable)."),
+    target: Optional[str] = typer.Option(None, "--target", metavar="ISA", help="CPU target override (e.g. x86-vnni, arm64-dotprod)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", metavar="PASS.OPTION=VALUE", help="PASS.OPTION=VALUE (repeatable)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for report.json and report.md."),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="Save the model after each pass here."),
     seed: int = typer.Option(0, help="Seed for synthesized inputs and any randomness."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input model."),
     max_memory: Optional[str] = typer.Option(
-        None, "--max-memory", help="Memory budget (e.g. 4G) for calibration and INT8's accuracy "
+        None, "--max-memory", metavar="SIZE", help="Memory budget (e.g. 4G) for calibration and INT8's accuracy "
         "check: batches are sized so the weights plus one batch of activations fit."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", help="Comma-separated intra-op thread counts the model will run at; "
+        None, "--threads", metavar="1,2", help="Comma-separated intra-op thread counts the model will run at; "
         "latency decisions (INT8 or FP32, LayerNorm forms) are made at these (default: 1 and "
         "all usable cores)."),
 ) -> None:
@@ -231,26 +269,26 @@ def _finite(value: float, option: str, *, low: float | None = None) -> float:
     return value
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX files; speed-ups are against the first."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", help="Comma-separated intra-op thread counts (default 1,2, or the "
+        None, "--threads", metavar="1,2", help="Comma-separated intra-op thread counts (default 1,2, or the "
         "--session-config's; on a --target, ORT's default)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     baseline: Optional[Path] = typer.Option(
         None, "--baseline", help="A stored bench --json: exit 1 when a speed-up regressed."),
     max_regression: str = typer.Option(
-        "10%", "--max-regression", help="Allowed drop of each speed-up (10% or 0.1)."),
+        "10%", "--max-regression", metavar="PERCENT", help="Allowed drop of each speed-up (10% or 0.1)."),
     target: str = typer.Option(
-        "local", "--target", help="local | ssh://user@host[:port] | qemu-aarch64[:cpu] (emulated: "
+        "local", "--target", metavar="WHERE", help="local | ssh://user@host[:port] | qemu-aarch64[:cpu] (emulated: "
         "checks loading and outputs, timings are not ARM performance)."),
     bootstrap: bool = typer.Option(
         False, "--bootstrap", help="ssh target: make a venv there with this onnxruntime version."),
     ssh_option: Optional[list[str]] = typer.Option(
-        None, "--ssh-option", help="ssh -o option for the target, e.g. IdentityFile=~/.ssh/board."),
+        None, "--ssh-option", metavar="KEY=VALUE", help="ssh -o option for the target, e.g. IdentityFile=~/.ssh/board."),
     remote_python: Optional[str] = typer.Option(
         None, "--remote-python", help="ssh target: the Python to run (default: the --bootstrap "
         "venv if there is one, else python3)."),
@@ -359,16 +397,16 @@ def _parse_fraction(text: str, option: str) -> float:
     return value
 
 
-@app.command()
+@app.command(cls=_Command)
 def tune(
     model: Path = typer.Argument(..., help="An ONNX file."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output", help="Write the session configuration JSON here."),
-    objective: str = typer.Option("latency", "--objective", help="latency or memory."),
+    objective: str = typer.Option("latency", "--objective", metavar="latency|memory", help="latency or memory."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", help="Intra-op thread counts to try (default 1,2,4.. up to the cores)."),
+        None, "--threads", metavar="1,2", help="Intra-op thread counts to try (default 1,2,4.. up to the cores)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4."),
     time_budget: float = typer.Option(1.0, "--time-budget", help="Seconds of rounds per stage."),
 ) -> None:
     """Find the ORT session settings (threads, execution mode, spinning, memory arena and
@@ -399,13 +437,13 @@ def tune(
         console.print(f"wrote {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def split(
     model: Path = typer.Argument(..., help="An ONNX file (never modified)."),
     parts: int = typer.Option(..., "--parts", help="Number of sub-models."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for stages and cascade.json."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory comparison."),
 ) -> None:
     """Split a model into a cascade of sub-models loaded one at a time (less peak memory);
@@ -428,7 +466,7 @@ def split(
     console.print(f"wrote {result.manifest} (run it: python runner.py {result.manifest})")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     results: Path = typer.Argument(
         ..., help="A JSON document onnxopt wrote: the suite's results.json, optimize --report's "
@@ -448,10 +486,9 @@ def report(
                   soft_wrap=True)
 
 
-@app.command("list-passes")
+@app.command("list-passes", cls=_Command)
 def list_passes(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every registered pass with its options, and the built-in recipes."""
-    from onnxopt.recipes import builtin_recipes
     from onnxopt.registry import describe_passes
 
     passes = describe_passes()
@@ -468,7 +505,7 @@ def list_passes(as_json: bool = typer.Option(False, "--json", help="Print JSON."
         out.print(f"    {name}: " + " -> ".join(s if isinstance(s, str) else s["pass"] for s in steps))
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(out_dir: Path = typer.Option(Path("demo-report"), "--out", help="Folder for the report.")) -> None:
     """Train two digit classifiers, export, optimize and measure them; write a report."""
     from onnxopt.demo import run_demo
