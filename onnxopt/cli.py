@@ -156,16 +156,23 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4 for MACs."),
 ) -> None:
-    """Parameters, size (raw and zipped), MACs per op type and the op histogram."""
-    from onnxopt.api import inspect as inspect_model
-    from onnxopt.feeds import parse_shape_overrides
-    from onnxopt.stats import macs_text
+    """Inputs and outputs (name, dtype, shape: the names an .npz of feeds uses), parameters,
+    size (raw and zipped), MACs per op type and the op histogram."""
+    from onnxopt.api import load
+    from onnxopt.feeds import graph_io, parse_shape_overrides
+    from onnxopt.stats import macs_text, model_stats
 
-    stats = inspect_model(model, parse_shape_overrides(shape))
+    loaded = load(model)  # once: the statistics and the inputs come from the same model
+    stats = model_stats(loaded, parse_shape_overrides(shape), file=model)
+    io = graph_io(loaded)
     if as_json:
-        out.print_json(json.dumps(stats.to_dict()))
+        out.print_json(json.dumps({**stats.to_dict(), **io}))
         return
     table = Table(title=str(model), show_header=False)
+    for kind in ("inputs", "outputs"):
+        for v in io[kind]:
+            dims = "unknown" if v["shape"] is None else "x".join(map(str, v["shape"])) or "scalar"
+            table.add_row(kind[:-1], f"{v['name']}  {v['dtype']}  [{dims}]")
     table.add_row("parameters", f"{stats.params:,}")
     table.add_row("size", f"{stats.size_bytes:,} B")
     table.add_row("zipped", f"{stats.zipped_bytes:,} B")
