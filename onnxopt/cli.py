@@ -88,9 +88,12 @@ def _root(
         "hostile model is a one-line error with exit 2 (accepted anywhere)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does."),
 ) -> None:
+    from onnxopt import quiet
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    quiet.install(verbose)  # before any framework import: no framework noise unless --verbose
 
 
 def _progress() -> Progress:
@@ -143,9 +146,10 @@ def export(
     """Export a model to ONNX and verify it numerically against its framework."""
     from onnxopt.export import export_to_file
     from onnxopt.model_io import check_writable
+    from onnxopt.quiet import native_stderr_filtered
 
     check_writable(output)  # before the export, which can take minutes
-    with console.status(f"exporting {src}"):
+    with console.status(f"exporting {src}"), native_stderr_filtered():
         path = export_to_file(src, output, force=force, opset=opset, dynamic_batch=not static_batch)
     console.print(f"wrote {path}")
 
