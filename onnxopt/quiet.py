@@ -46,7 +46,9 @@ def install(verbose: bool) -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", category=UserWarning, module=FRAMEWORKS)
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")  # NaN/overflow
+    # numpy's NaN/overflow warnings name the calling line, not numpy: matched by message
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"(invalid value|overflow|divide by zero) encountered")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
