@@ -244,7 +244,8 @@ def optimize(
             if partial is not None:  # the best candidate is saved even when the budget is missed
                 with _staged_report(report, partial[1]):
                     save_model(partial[0], output, protect=None if force else model)
-                console.print(f"wrote best candidate to {output}")
+                print_summary(console, partial[1], model, output)  # warnings say what fell short
+                console.print("that is the best candidate found; the quality gate was not met")
             raise
     with _staged_report(report, rep):  # the report is written first: a full disk stops both
         save_model(result, output, protect=None if force else model)
