@@ -26,8 +26,44 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from onnxopt.errors import InputError, InternalError, OnnxoptError, QualityGateError, write_error
+from onnxopt.recipes import builtin_recipes
+
+class _HumanHelp:
+    """Help placeholders for people (``PATH``, ``N``, ``NAME=VALUE``), not Python types: typer
+    shows ``<bool>`` after flags and ``<list[str]>`` after repeatable options otherwise. Options
+    with their own ``metavar`` keep it; flags (and ``--help``) show none."""
+
+    _BY_TYPE = {"path": "PATH", "int": "N", "float": "NUMBER", "str": "TEXT"}
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if param.metavar is not None:
+                continue
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+                continue
+            bare = param.display_type(ctx).strip("<>").removeprefix("list[").removesuffix("]")
+            human = self._BY_TYPE.get(bare.lower(), bare.upper())
+            if param.param_type_name == "argument":  # name column MODEL, type column PATH
+                param.metavar = param.name.upper()
+                kind = human + ("..." if param.nargs != 1 else "")
+                param.display_type_rich = lambda ctx, kind=kind: kind
+            else:
+                param.metavar = human
+        return params
+
+
+class _Command(_HumanHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_HumanHelp, typer.core.TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Export, optimize and measure neural networks as ONNX; every pass verified.",
     add_completion=False,
     no_args_is_help=True,
@@ -39,8 +75,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-if not out.is_terminal:  # redirected to a file or a pipe: tables are not hard-wrapped at 80
-    out.width = 10_000
+for _stream in (console, out):
+    if not _stream.is_terminal:  # redirected to a file or a pipe: tables are not hard-wrapped at 80
+        _stream.width = 10_000
 
 
 @app.callback()
@@ -51,9 +88,12 @@ def _root(
         "hostile model is a one-line error with exit 2 (accepted anywhere)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does."),
 ) -> None:
+    from onnxopt import quiet
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    quiet.install(verbose)  # before any framework import: no framework noise unless --verbose
 
 
 def _progress() -> Progress:
@@ -95,7 +135,7 @@ def _parse_settings(settings: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     src: str = typer.Argument(..., help=".onnx | .keras | SavedModel dir | .pt2 | pkg.module:factory"),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the ONNX model."),
@@ -106,29 +146,37 @@ def export(
     """Export a model to ONNX and verify it numerically against its framework."""
     from onnxopt.export import export_to_file
     from onnxopt.model_io import check_writable
+    from onnxopt.quiet import native_stderr_filtered
 
     check_writable(output)  # before the export, which can take minutes
-    with console.status(f"exporting {src}"):
+    with console.status(f"exporting {src}"), native_stderr_filtered():
         path = export_to_file(src, output, force=force, opset=opset, dynamic_batch=not static_batch)
     console.print(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     model: Path = typer.Argument(..., help="An ONNX file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4 for MACs."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4 for MACs."),
 ) -> None:
-    """Parameters, size (raw and zipped), MACs per op type and the op histogram."""
-    from onnxopt.api import inspect as inspect_model
-    from onnxopt.feeds import parse_shape_overrides
-    from onnxopt.stats import macs_text
+    """Inputs and outputs (name, dtype, shape: the names an .npz of feeds uses), parameters,
+    size (raw and zipped), MACs per op type and the op histogram."""
+    from onnxopt.api import load
+    from onnxopt.feeds import graph_io, parse_shape_overrides
+    from onnxopt.stats import macs_text, model_stats
 
-    stats = inspect_model(model, parse_shape_overrides(shape))
+    loaded = load(model)  # once: the statistics and the inputs come from the same model
+    stats = model_stats(loaded, parse_shape_overrides(shape), file=model)
+    io = graph_io(loaded)
     if as_json:
-        out.print_json(json.dumps(stats.to_dict()))
+        out.print_json(json.dumps({**stats.to_dict(), **io}))
         return
     table = Table(title=str(model), show_header=False)
+    for kind in ("inputs", "outputs"):
+        for v in io[kind]:
+            dims = "unknown" if v["shape"] is None else "x".join(map(str, v["shape"])) or "scalar"
+            table.add_row(kind[:-1], f"{v['name']}  {v['dtype']}  [{dims}]")
     table.add_row("parameters", f"{stats.params:,}")
     table.add_row("size", f"{stats.size_bytes:,} B")
     table.add_row("zipped", f"{stats.zipped_bytes:,} B")
@@ -137,36 +185,39 @@ def inspect(
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def optimize(
     model: Path = typer.Argument(..., help="An ONNX file (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the optimized model."),
-    recipe: str = typer.Option("default", "--recipe", help="Built-in recipe name or a .toml/.json file."),
+    recipe: str = typer.Option(
+        "default", "--recipe", metavar="NAME|FILE",
+        help=f"Built-in recipe ({', '.join(builtin_recipes())}) or a .toml/.json file."),
     calib: Optional[Path] = typer.Option(None, "--calib", help=".npz of stacked calibration inputs."),
     eval_data: Optional[Path] = typer.Option(
         None, "--eval", help=".npz of evaluation inputs, plus optional 'labels' array."),
     max_drop: Optional[float] = typer.Option(
         None, "--max-drop", help="Accuracy budget in points for accuracy-aware passes."),
-    target: Optional[str] = typer.Option(None, "--target", help="CPU target override (e.g. x86-vnni, arm64-dotprod)."),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="PASS.OPTION=VALUE (repeatable)."),
+    target: Optional[str] = typer.Option(None, "--target", metavar="ISA", help="CPU target override (e.g. x86-vnni, arm64-dotprod)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", metavar="PASS.OPTION=VALUE", help="PASS.OPTION=VALUE (repeatable)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for report.json and report.md."),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="Save the model after each pass here."),
     seed: int = typer.Option(0, help="Seed for synthesized inputs and any randomness."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input model."),
     max_memory: Optional[str] = typer.Option(
-        None, "--max-memory", help="Memory budget (e.g. 4G) for calibration and INT8's accuracy "
+        None, "--max-memory", metavar="SIZE", help="Memory budget (e.g. 4G) for calibration and INT8's accuracy "
         "check: batches are sized so the weights plus one batch of activations fit."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", help="Comma-separated intra-op thread counts the model will run at; "
+        None, "--threads", metavar="1,2", help="Comma-separated intra-op thread counts the model will run at; "
         "latency decisions (INT8 or FP32, LayerNorm forms) are made at these (default: 1 and "
         "all usable cores)."),
 ) -> None:
     """Run a recipe of passes; each pass is verified against ONNX Runtime."""
     from onnxopt.api import load, optimize as run_optimize
+    from onnxopt.cli_summary import print_summary, step_description
     from onnxopt.feeds import load_evaluation
     from onnxopt.memory import parse_size
     from onnxopt.model_io import save_model
-    from onnxopt.stats import macs_text
+    from onnxopt.recipes import load_recipe
 
     budget = parse_size(max_memory) if max_memory is not None else None
     thread_counts = _parse_threads(threads) if threads else None
@@ -176,11 +227,12 @@ def optimize(
     if max_drop is not None:
         overrides["max_drop"] = _finite(max_drop, "--max-drop", low=0.0)
     evaluation = load_evaluation(eval_data, source) if eval_data is not None else None
+    total = len(load_recipe(recipe)[1])
     with _progress() as bar:
-        task = bar.add_task("optimizing", total=None)
+        task = bar.add_task("optimizing", total=total)
 
         def on_step(index: int, name: str) -> None:
-            bar.update(task, description=f"pass {name}", completed=index)
+            bar.update(task, description=step_description(index, total, name), completed=index)
 
         try:
             result, rep = run_optimize(
@@ -192,20 +244,12 @@ def optimize(
             if partial is not None:  # the best candidate is saved even when the budget is missed
                 with _staged_report(report, partial[1]):
                     save_model(partial[0], output, protect=None if force else model)
-                console.print(f"wrote best candidate to {output}")
+                print_summary(console, partial[1], model, output)  # warnings say what fell short
+                console.print("that is the best candidate found; the quality gate was not met")
             raise
     with _staged_report(report, rep):  # the report is written first: a full disk stops both
         save_model(result, output, protect=None if force else model)
-    before, after = rep.before, rep.after
-    for record in rep.passes:  # e.g. a search that kept the model unchanged says so here
-        warning = record.notes.get("warning")
-        if warning:
-            console.print(f"warning: {record.name}: {warning}", markup=False, highlight=False,
-                          soft_wrap=True)
-    console.print(
-        f"wrote {output}: {before['size_bytes']:,} -> {after['size_bytes']:,} bytes, "
-        f"{macs_text(before)} -> {macs_text(after)} MACs, "
-        f"{before['nodes']} -> {after['nodes']} nodes")
+    print_summary(console, rep, model, output)
 
 
 def _staged_report(folder: Optional[Path], rep: Any) -> contextlib.AbstractContextManager[Any]:
@@ -237,26 +281,26 @@ def _finite(value: float, option: str, *, low: float | None = None) -> float:
     return value
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX files; speed-ups are against the first."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", help="Comma-separated intra-op thread counts (default 1,2, or the "
+        None, "--threads", metavar="1,2", help="Comma-separated intra-op thread counts (default 1,2, or the "
         "--session-config's; on a --target, ORT's default)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     baseline: Optional[Path] = typer.Option(
         None, "--baseline", help="A stored bench --json: exit 1 when a speed-up regressed."),
     max_regression: str = typer.Option(
-        "10%", "--max-regression", help="Allowed drop of each speed-up (10% or 0.1)."),
+        "10%", "--max-regression", metavar="PERCENT", help="Allowed drop of each speed-up (10% or 0.1)."),
     target: str = typer.Option(
-        "local", "--target", help="local | ssh://user@host[:port] | qemu-aarch64[:cpu] (emulated: "
+        "local", "--target", metavar="WHERE", help="local | ssh://user@host[:port] | qemu-aarch64[:cpu] (emulated: "
         "checks loading and outputs, timings are not ARM performance)."),
     bootstrap: bool = typer.Option(
         False, "--bootstrap", help="ssh target: make a venv there with this onnxruntime version."),
     ssh_option: Optional[list[str]] = typer.Option(
-        None, "--ssh-option", help="ssh -o option for the target, e.g. IdentityFile=~/.ssh/board."),
+        None, "--ssh-option", metavar="KEY=VALUE", help="ssh -o option for the target, e.g. IdentityFile=~/.ssh/board."),
     remote_python: Optional[str] = typer.Option(
         None, "--remote-python", help="ssh target: the Python to run (default: the --bootstrap "
         "venv if there is one, else python3)."),
@@ -365,16 +409,16 @@ def _parse_fraction(text: str, option: str) -> float:
     return value
 
 
-@app.command()
+@app.command(cls=_Command)
 def tune(
     model: Path = typer.Argument(..., help="An ONNX file."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output", help="Write the session configuration JSON here."),
-    objective: str = typer.Option("latency", "--objective", help="latency or memory."),
+    objective: str = typer.Option("latency", "--objective", metavar="latency|memory", help="latency or memory."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", help="Intra-op thread counts to try (default 1,2,4.. up to the cores)."),
+        None, "--threads", metavar="1,2", help="Intra-op thread counts to try (default 1,2,4.. up to the cores)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4."),
     time_budget: float = typer.Option(1.0, "--time-budget", help="Seconds of rounds per stage."),
 ) -> None:
     """Find the ORT session settings (threads, execution mode, spinning, memory arena and
@@ -405,13 +449,13 @@ def tune(
         console.print(f"wrote {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def split(
     model: Path = typer.Argument(..., help="An ONNX file (never modified)."),
     parts: int = typer.Option(..., "--parts", help="Number of sub-models."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for stages and cascade.json."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz with the model inputs."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="NAME=1x3x224x224 or DIM=4."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="NAME=DIMS", help="NAME=1x3x224x224 or DIM=4."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory comparison."),
 ) -> None:
     """Split a model into a cascade of sub-models loaded one at a time (less peak memory);
@@ -434,7 +478,7 @@ def split(
     console.print(f"wrote {result.manifest} (run it: python runner.py {result.manifest})")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     results: Path = typer.Argument(
         ..., help="A JSON document onnxopt wrote: the suite's results.json, optimize --report's "
@@ -454,10 +498,9 @@ def report(
                   soft_wrap=True)
 
 
-@app.command("list-passes")
+@app.command("list-passes", cls=_Command)
 def list_passes(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every registered pass with its options, and the built-in recipes."""
-    from onnxopt.recipes import builtin_recipes
     from onnxopt.registry import describe_passes
 
     passes = describe_passes()
@@ -474,7 +517,7 @@ def list_passes(as_json: bool = typer.Option(False, "--json", help="Print JSON."
         out.print(f"    {name}: " + " -> ".join(s if isinstance(s, str) else s["pass"] for s in steps))
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(out_dir: Path = typer.Option(Path("demo-report"), "--out", help="Folder for the report.")) -> None:
     """Train two digit classifiers, export, optimize and measure them; write a report."""
     from onnxopt.demo import run_demo

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -50,6 +51,21 @@ def input_specs(model: ir.Model) -> list[tuple[str, np.dtype, list[int | str | N
                 dims.append(d if isinstance(d, int) else (d.value if d.value else None))
         specs.append((value.name, dtype, dims))
     return specs
+
+
+def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
+    """Name, dtype and shape of every real graph input and output, for people (``inspect``):
+    the input names are the array names an ``.npz`` of feeds must use."""
+    initializers = set(model.graph.initializers)
+
+    def describe(value: ir.Value) -> dict[str, Any]:
+        dtype = str(value.dtype.name).lower() if value.dtype is not None else str(value.type)
+        shape = None if value.shape is None else [
+            d if isinstance(d, int) else (d.value or "?") for d in value.shape]
+        return {"name": value.name, "dtype": dtype, "shape": shape}
+
+    return {"inputs": [describe(v) for v in model.graph.inputs if v.name not in initializers],
+            "outputs": [describe(v) for v in model.graph.outputs]}
 
 
 def synthesize_feeds(
