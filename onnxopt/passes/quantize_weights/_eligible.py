@@ -73,6 +73,37 @@ def split_gemms(model: ir.Model) -> int:
     return count
 
 
+def fold_weight_transposes(model: ir.Model) -> int:
+    """Give each MatMul that reads ``Transpose(W)`` of a 2-D constant W its own transposed copy
+    of W as a constant; returns how many.
+
+    Tied embeddings export this way (GPT-2's LM head is ``x @ wte^T``), and constant folding
+    skips the Transpose of a large table, so without this the head would stay float. The
+    Gather keeps the float table; the head's copy is what gets quantized (an 8-bit head adds a
+    quarter of the table's bytes to the file, and reads a quarter of them per token).
+    """
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        producer = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if producer is None or producer.op_type != "Transpose":
+            continue
+        perm = producer.attributes.get("perm")
+        data = constant_2d(producer.inputs[0])
+        if data is None or (perm is not None and list(perm.as_ints()) != [1, 0]):
+            continue
+        weight = ir.Value(name=f"{producer.inputs[0].name}_transposed_{count}",
+                          const_value=ir.tensor(np.ascontiguousarray(data.T)))
+        weight.type, weight.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(data.T.shape)
+        model.graph.register_initializer(weight)
+        node.replace_input_with(1, weight)
+        if not producer.outputs[0].uses() and not producer.outputs[0].is_graph_output():
+            model.graph.remove(producer, safe=True)
+        count += 1
+    return count
+
+
 def eligible_matmuls(model: ir.Model) -> list[ir.Node]:
     """MatMuls of the main graph with a constant 2-D float weight (what MatMulNBits replaces)."""
     return [n for n in model.graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")

@@ -7,8 +7,9 @@ and runs an int8 dot product (ORT documents up to ~2.3x faster than level 0 on C
 rewriting is ONNX Runtime's ``MatMulNBitsQuantizer`` (:mod:`._convert`); this pass picks which
 nodes go and at which precision:
 
-* only MatMuls with a constant 2-D float weight (Gemm from ``fuse`` is split back first,
-  :mod:`._eligible`); embeddings (``Gather``) stay float;
+* only MatMuls with a constant 2-D float weight (Gemm from ``fuse`` is split back first, a
+  tied head's ``Transpose`` of the embedding table becomes its own constant, :mod:`._eligible`);
+  embeddings (``Gather``) stay float;
 * the MatMul nearest the logits output (the LM head) gets ``lm_head_bits`` (8 by default, 0 =
   float): 4-bit LM heads make small language models repeat themselves, so peers keep it at 8.
 
@@ -31,7 +32,8 @@ from onnxopt.feeds import synthesize_feeds
 from onnxopt.metrics import Budget
 from onnxopt.passes._shared.surgery import replace_contents
 from onnxopt.passes.quantize_weights._convert import ALGORITHMS, finish, quantize
-from onnxopt.passes.quantize_weights._eligible import eligible_matmuls, lm_head, split_gemms
+from onnxopt.passes.quantize_weights._eligible import (eligible_matmuls, fold_weight_transposes,
+                                                       lm_head, split_gemms)
 from onnxopt.registry import OptPass, option, register
 
 # 4-bit blocks of 32 keep each weight within ~8% RMS of its value; through a few layers of random
@@ -82,6 +84,7 @@ class QuantizeWeightsPass(OptPass):
         cfg: QuantizeWeightsConfig = self.config
         work = model.clone()
         split = split_gemms(work)
+        untied = fold_weight_transposes(work)
         eligible = eligible_matmuls(work)
         self.notes = {"algorithm": cfg.algorithm, "bits": cfg.bits, "block_size": cfg.block_size,
                       "accuracy_level": cfg.accuracy_level, "onnxruntime": ort.__version__}
@@ -116,6 +119,7 @@ class QuantizeWeightsPass(OptPass):
         model.opset_imports.update(result.opset_imports)
         self.notes.update({
             "quantized": len(nbits), "eligible": len(eligible), "gemms_split": split,
+            "transposed_weights_folded": untied,
             "bias_moved_into_matmulnbits": bias_moved,
             "bits_by_node": {n.name: n.attributes["bits"].as_int() for n in nbits},
             "lm_head": None if head is None else {
