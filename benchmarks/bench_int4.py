@@ -43,8 +43,10 @@ def main() -> None:
     module = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
     fp32 = onnxopt.export(module, (ids,))
-    int4, _ = onnxopt.optimize(fp32, "int4")
+    int4, report = onnxopt.optimize(fp32, "int4")
     int4_acc0, _ = onnxopt.optimize(fp32, "int4", overrides={"accuracy_level": 0})
+    print("quantize-weights:", {k: v for k, v in report.passes[-1].notes.items()
+                                if k != "bits_by_node"})
     models = {"fp32": fp32, "int4 (accuracy_level 4)": int4, "int4 (accuracy_level 0)": int4_acc0}
 
     feeds = {fp32.graph.inputs[0].name: ids.numpy()}

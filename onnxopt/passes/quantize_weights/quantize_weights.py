@@ -36,10 +36,11 @@ from onnxopt.passes.quantize_weights._eligible import (eligible_matmuls, fold_we
                                                        lm_head, split_gemms)
 from onnxopt.registry import OptPass, option, register
 
-# 4-bit blocks of 32 keep each weight within ~8% RMS of its value; through a few layers of random
-# weights the logits' cosine to FP32 stays above 0.99 (tests/test_quantize_weights.py, GPT-2
-# 2 layers: 0.999). 0.98 (quantize's floor) catches a wrong block layout or lost bias.
-COSINE_FLOOR = 0.98
+# 4-bit blocks of 32 keep each weight within ~8% RMS (cosine ~0.997 per MatMul); the errors of
+# a few dozen MatMuls in sequence add up. Measured on random-weight GPT-2 logits: 2 layers 0.999,
+# 1 layer n_embd 256 0.992, 6 layers n_embd 512 0.979 (quantize's 0.98 floor undid that one).
+# 0.95 passes those and still catches a wrong block layout, a lost bias or a swapped K/N.
+COSINE_FLOOR = 0.95
 
 
 @dataclasses.dataclass
