@@ -107,6 +107,17 @@ def test_other_algorithms_give_matmulnbits(algorithm: str) -> None:
     assert cosine_similarity(_run(model, x)[0], _run(out, x)[0]) > 0.98
 
 
+def test_gptq_on_calibration_data_keeps_the_head_at_8_bits() -> None:
+    model = _mlp()
+    rng = np.random.default_rng(4)
+    calibration = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(4)]
+    out, report = onnxopt.optimize(model, "int4", calibration=calibration,
+                                   overrides={"algorithm": "gptq"})
+    assert sorted(_nbits(out).values()) == [4, 4, 8], report.passes[-1].notes
+    x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    assert cosine_similarity(_run(model, x)[0], _run(out, x)[0]) > 0.98
+
+
 def test_int8_bits_and_float_head() -> None:
     out, report = onnxopt.optimize(_mlp(), "int4", overrides={"bits": 8, "lm_head_bits": 0})
     assert sorted(_nbits(out).values()) == [8, 8]

@@ -52,12 +52,20 @@ def quantize(proto: onnx.ModelProto, *, algorithm: str, bits: int, block_size: i
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size,
                                      is_symmetric=symmetric, nodes_to_exclude=others,
                                      algo_config=algo)
-    was = logging.getLogger().disabled
-    logging.getLogger().disabled = True  # its INFO lines per node
+    if algorithm == "gptq":
+        # ORT's GPTQ path ignores nodes_to_exclude (only RTN/k-quant mark them "fp32" in the
+        # node table it builds), so the table gets them here, or the LM head would go to 4 bits.
+        table = quantizer._generate_q4_node_config
+        quantizer._generate_q4_node_config = lambda: {**table(), **dict.fromkeys(others, "fp32")}
+    quiet = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.WARNING)  # its INFO lines per node
     try:
         quantizer.process()
     finally:
-        logging.getLogger().disabled = was
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     return quantizer.model.model
 
 
