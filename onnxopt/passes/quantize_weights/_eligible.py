@@ -63,12 +63,9 @@ def split_gemms(model: ir.Model) -> int:
             out = add.outputs[0]
         out.name, out.type, out.shape = node.outputs[0].name, node.outputs[0].type, node.outputs[0].shape
         graph.insert_before(node, new)
-        is_output = node.outputs[0].is_graph_output()
         node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
         node.outputs[0].name = None
         graph.remove(node, safe=True)
-        if is_output:
-            out.name = out.name
         count += 1
     return count
 
