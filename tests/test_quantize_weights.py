@@ -139,7 +139,8 @@ def test_no_matmul_is_kept_with_a_warning() -> None:
 
 
 @pytest.mark.parametrize("options", [{"block_size": 7}, {"block_size": 8}, {"bits": 3},
-                                     {"algorithm": "awq"}, {"lm_head_bits": 2}])
+                                     {"algorithm": "awq"}, {"lm_head_bits": 2},
+                                     {"algorithm": "gptq", "bits": 8}])
 def test_bad_options_are_input_errors(options: dict) -> None:
     with pytest.raises(InputError):
         load_recipe([{"pass": "quantize-weights", **options}])

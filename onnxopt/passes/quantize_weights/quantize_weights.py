@@ -67,6 +67,8 @@ class QuantizeWeightsConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"option 'algorithm' must be one of {', '.join(ALGORITHMS)}, "
                              f"got {self.algorithm!r}")
+        if self.algorithm == "gptq" and self.bits != 4:
+            raise ValueError("algorithm 'gptq' writes 4-bit weights only (ORT's GPTQ)")
         if self.symmetric and self.algorithm != "rtn":
             raise ValueError("option 'symmetric' applies to algorithm 'rtn' only")
 
