@@ -30,6 +30,8 @@ BUILTIN_RECIPES: dict[str, list[dict[str, Any] | str]] = {
     # without it, same cosine; benchmarks/RESULTS.md "INT8"); it skips models with no transformer op.
     "int8": ["cleanup", "fuse", "fuse-transformer", "quantize"],
     "fp16": ["cleanup", "fuse", "fp16"],
+    # weight-only: MatMul weights to 4 bits (LM head 8), activations float (docs/quantize-weights.md)
+    "int4": ["cleanup", "fuse", "quantize-weights"],
     "deep-compression": ["cleanup", "fuse", {"pass": "deep-compress"}],
 }
 

@@ -27,7 +27,8 @@ import onnx_ir as ir
 from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes, to_ir
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
-           "ConvInteger", "MatMulInteger", "Attention", "QAttention", "MultiHeadAttention")
+           "ConvInteger", "MatMulInteger", "Attention", "QAttention", "MultiHeadAttention",
+           "MatMulNBits")
 
 
 @dataclasses.dataclass
@@ -70,10 +71,7 @@ def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int
     which can differ from a re-serialization by a few bytes of metadata.
     """
     model = to_ir(model)
-    params = sum(
-        math.prod(v.const_value.shape.numpy()) if v.const_value is not None else 0
-        for v in model.graph.initializers.values()
-    )
+    params = _params(model)
     if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         # Too large for one protobuf; the tensors dominate, and are incompressible floats mostly.
         size = zipped = tensor_bytes(model)
@@ -95,6 +93,28 @@ def model_stats(model: ir.Model | onnx.ModelProto, shapes: Mapping[str, list[int
         op_histogram=dict(sorted(hist.items())),
         macs_unknown_nodes=unknown,
     )
+
+
+def _params(model: ir.Model) -> int:
+    """Initializer elements, with each MatMulNBits weight counted as the K x N weights it packs
+    (its uint8 blob holds two 4-bit weights a byte) and its block scales and zero points left
+    out, as storage of those weights: quantizing weights keeps the parameter count."""
+    packed: dict[str, int] = {}
+    storage: set[str] = set()
+    for node in model.graph.all_nodes():
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
+            names = [v.name for v in node.inputs[1:4] if v is not None]
+            if names:
+                packed[names[0]] = k * n
+                storage.update(names[1:])
+    total = 0
+    for name, v in model.graph.initializers.items():
+        if name in packed:
+            total += packed[name]
+        elif name not in storage and v.const_value is not None:
+            total += math.prod(v.const_value.shape.numpy())
+    return total
 
 
 # Deflated length of tensor bytes, by digest: a pass that leaves a tensor alone costs no recompression.
@@ -381,6 +401,12 @@ def _node_macs(node: onnx.NodeProto, known: dict[str, list[int]]) -> int | None:
         if out is None or a is None:
             return None
         return math.prod(out) * a[-1]
+    if op == "MatMulNBits":  # com.microsoft: the MatMul it replaced, [..., K] x [K, N]
+        k = next((at.i for at in node.attribute if at.name == "K"), None)
+        if out is not None and k is not None:
+            return math.prod(out) * k
+        n = next((at.i for at in node.attribute if at.name == "N"), None)
+        return None if a is None or n is None else math.prod(a) * n
     if op in ("Attention", "QAttention"):  # com.microsoft: QKV projection, then two S x S products
         parts = _attention_parts(a, w)
         return None if parts is None else sum(parts)
