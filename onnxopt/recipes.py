@@ -31,6 +31,14 @@ BUILTIN_RECIPES: dict[str, list[dict[str, Any] | str]] = {
     "int8": ["cleanup", "fuse", "fuse-transformer", "quantize"],
     "fp16": ["cleanup", "fuse", "fp16"],
     "deep-compression": ["cleanup", "fuse", {"pass": "deep-compress"}],
+    # Chains (docs/chains.md): each later pass keeps what the earlier one bought.
+    # speed: fewer MACs, then INT8 on what is left (the two multiply).
+    "speed": ["cleanup", "fuse", "prune-channels", "quantize"],
+    # size: deep-compress's codebook/sparse storage, then INT8 only on layers it left dense
+    # (quantize keeps coded weights and their decoding float: passes/quantize/_coded.py).
+    "size": ["cleanup", "fuse", {"pass": "deep-compress"}, "quantize"],
+    # arm: fused graph in FP16 (ARM cores with FP16 arithmetic; onnxopt/isa.py).
+    "arm": ["cleanup", "fuse", "fp16"],
 }
 
 
