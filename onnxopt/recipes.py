@@ -33,6 +33,14 @@ BUILTIN_RECIPES: dict[str, list[dict[str, Any] | str]] = {
     # weight-only: MatMul weights to 4 bits (LM head 8), activations float (docs/quantize-weights.md)
     "int4": ["cleanup", "fuse", "quantize-weights"],
     "deep-compression": ["cleanup", "fuse", {"pass": "deep-compress"}],
+    # Chains (docs/chains.md): each later pass keeps what the earlier one bought.
+    # speed: fewer MACs, then INT8 on what is left (the two multiply).
+    "speed": ["cleanup", "fuse", "prune-channels", "quantize"],
+    # size: deep-compress's codebook/sparse storage, then INT8 only on layers it left dense
+    # (quantize keeps coded weights and their decoding float: passes/quantize/_coded.py).
+    "size": ["cleanup", "fuse", {"pass": "deep-compress"}, "quantize"],
+    # arm: fused graph in FP16 (ARM cores with FP16 arithmetic; onnxopt/isa.py).
+    "arm": ["cleanup", "fuse", "fp16"],
 }
 
 

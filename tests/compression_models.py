@@ -125,3 +125,23 @@ def _trained_digits_mlp(hidden: tuple[int, ...], epochs: int):
     net = digits.train_torch_mlp(data, hidden=hidden, epochs=epochs)
     model = export(net, (torch.from_numpy(data.test_flat[:2]),))
     return model, data
+
+
+def trained_digits_cnn(channels: tuple[int, ...] = (16, 32), epochs: int = 3):
+    """The small digits CNN (Conv-BN-ReLU-Pool per entry of ``channels``, FC10) trained here
+    and exported, plus its data split; trained once per test session, callers get a copy."""
+    model, data = _trained_digits_cnn(channels, epochs)
+    return model.clone(), data
+
+
+@functools.lru_cache(maxsize=2)
+def _trained_digits_cnn(channels: tuple[int, ...], epochs: int):
+    import torch
+
+    from onnxopt import digits
+    from onnxopt.export import export
+
+    data = digits.load_digits_28(seed=0, test_size=0.25, val_size=0.2)
+    net = digits.train_torch_cnn(data, channels=channels, epochs=epochs)
+    model = export(net, (torch.from_numpy(data.test_images[:2]),))
+    return model, data

@@ -46,9 +46,11 @@ HARNESS_RUN_LIMIT_S = 3.0
 # pass would otherwise time candidates for seconds per model.
 FAST_SETTINGS = {
     "int8": ["--set", "quantize.measure_latency=false"],
+    "speed": ["--set", "quantize.measure_latency=false"],
+    "size": ["--set", "quantize.measure_latency=false"],
 }
-CALIBRATED_RECIPES = ("int8", "prune-channels", "deep-compression")
-EVALUATED_RECIPES = ("deep-compression",)
+CALIBRATED_RECIPES = ("int8", "prune-channels", "deep-compression", "speed", "size")
+EVALUATED_RECIPES = ("deep-compression", "size")
 
 
 @dataclasses.dataclass

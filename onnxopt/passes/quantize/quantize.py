@@ -45,6 +45,7 @@ from onnxopt.metrics import Budget, sqnr_db
 from onnxopt.passes._shared.surgery import replace_contents
 from onnxopt.passes._shared.scoring import Evaluator, resolve_metric
 from onnxopt.passes._shared.activations import capture, small_batch
+from onnxopt.passes.quantize._coded import coded_weights
 from onnxopt.passes.quantize._calibrate import CalibrationTable, calibrate, float_activations
 from onnxopt.passes.quantize._convert import DYNAMIC_OPS, QuantSpec, convert, digest, load_check
 from onnxopt.passes.fusion import split_layer_norms
@@ -196,13 +197,24 @@ class QuantizePass(OptPass):
             self.notes["decision"] = "kept FP32: no Conv, MatMul or Gemm to quantize"
             self.notes["warning"] = self.notes["decision"]
             return ir.passes.PassResult(model, False)
+        coded = coded_weights(prepared.proto, COMPUTE_OPS)
+        if coded:
+            self.notes["coded_weights"] = {
+                "kept_float": sorted(coded),
+                "why": "weights stored coded (codebook/sparse, e.g. by deep-compress): "
+                       "quantizing them would decode them at run time and undo the storage"}
+        if all(n.name in coded for n in prepared.nodes):
+            self.notes["decision"] = ("kept FP32: every Conv, MatMul and Gemm reads a coded "
+                                      "weight (codebook/sparse storage), which stays as stored")
+            self.notes["warning"] = self.notes["decision"]
+            return ir.passes.PassResult(model, False)
         table = self._calibration_table(prepared, data, cfg, tmp)
         activations = capture(prepared.proto, sample, prepared.session_config)
         if measurable and prepared.session_config:  # candidates are timed from in-memory protos
             measurable = False
             self.notes["target"]["latency_note"] = (
                 "latency not measured: the model is over the external-data threshold")
-        plan = self._float_plan(prepared, table, activations, cfg)
+        plan = self._float_plan(prepared, table, activations, cfg, coded)
         specs = self._candidate_specs(prepared, target, table, plan, cfg)
         # FP32 reference outputs before any INT8 model exists: over 2 GB, the FP32 session and
         # the candidates would otherwise be in memory together (1.55x the model, not 1.3x).
@@ -425,7 +437,8 @@ class QuantizePass(OptPass):
     # -- what stays float, and the candidates ------------------------------------------------
 
     def _float_plan(self, prepared: PreparedModel, table: CalibrationTable | None,
-                    activations: dict[str, np.ndarray], cfg: QuantizeConfig) -> FloatPlan:
+                    activations: dict[str, np.ndarray], cfg: QuantizeConfig,
+                    coded: dict[str, list[str]]) -> FloatPlan:
         unsafe = unsafe_tensors(table, activations, cfg.min_levels) if table else []
         self.notes["unsafe_tensors"] = [dataclasses.asdict(t) for t in unsafe]
         plan = float_plan(prepared.proto, unsafe, COMPUTE_OPS)
@@ -436,6 +449,10 @@ class QuantizePass(OptPass):
         user = {name: "excluded by the user (exclude_nodes)" for name in cfg.exclude_nodes}
         user.update({n.name: f"excluded by the user (exclude_op_types {n.op_type})"
                      for n in prepared.proto.graph.node if n.op_type in cfg.exclude_op_types})
+        for node, decoders in coded.items():  # the storage stays as stored (_coded)
+            user.setdefault(node, "weight stored coded (codebook/sparse): kept as stored")
+            for name in decoders:
+                user.setdefault(name, f"decodes the coded weight of '{node}'")
         plan.static.update(user)
         plan.dynamic.update(user)
         return plan
