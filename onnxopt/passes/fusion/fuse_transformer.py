@@ -126,6 +126,9 @@ class FuseTransformerPass(OptPass):
         if cfg.quantizable_attention:
             rewritten = {k: n for k, n in quantizable_attention(fused).items() if n}
             fired.update(rewritten)
+        # The rewrites can leave a node before its input's producer (Swin's shifted windows):
+        # valid to run once sorted, but onnx_ir's clone, used next and by later passes, refuses it.
+        common.TopologicalSortPass()(fused)
         layer_norms = self._split_layer_norms(fused)
         common.RemoveUnusedOpsetsPass()(fused)
         replace_contents(model, fused)
