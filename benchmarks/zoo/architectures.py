@@ -294,7 +294,10 @@ SHIPPED = {
 # Concrete sizes for the dynamic axes of the shipped files (by input name, batch excluded).
 SHIPPED_SHAPES = {
     "onnx-ppocr-det": (3, 96, 96), "onnx-ppocr-cls": (3, 48, 192), "onnx-ppocr-rec": (3, 48, 160),
+    "onnx-silero-vad": (512,),  # one 32 ms chunk at 16 kHz, the size silero's model takes
 }
+# Inputs that are settings, not data: one fixed value, no batch axis (silero's sample rate).
+SHIPPED_CONSTANTS: dict[str, dict[str, int]] = {"onnx-silero-vad": {"sr": 16000}}
 
 
 def wheel_member(requirement: str, member: str, cache: Path) -> Path:
@@ -322,33 +325,50 @@ def _shipped(name: str) -> Callable[[Path], None]:
 
         path = wheel_member(*SHIPPED[name], cache=folder.parent / "_cache")
         model = export(str(path))
-        _save(folder, model, _inputs_for(model, SHIPPED_SHAPES.get(name)))
+        _save(folder, model, _inputs_for(model, SHIPPED_SHAPES.get(name),
+                                         SHIPPED_CONSTANTS.get(name, {})))
     return build
 
 
-def _inputs_for(model: Any, shape: tuple[int, ...] | None) -> Callable[..., list[np.ndarray]]:
+def _inputs_for(model: Any, shape: tuple[int, ...] | None,
+                constants: dict[str, int] | None = None) -> Callable[..., list[np.ndarray]]:
     """Seeded inputs from the model's declared inputs; dynamic dims from ``shape`` (first input)
-    or 16. Integer inputs get small non-negative values, as indices and lengths need."""
-    import onnx_ir as ir
+    or 16. Integer inputs get small non-negative values, as indices and lengths need.
 
-    specs = []
-    for i, v in enumerate(x for x in model.graph.inputs if not x.is_initializer()):
+    The batch axis of an input is where the first input's batch dimension (by its symbolic
+    name) appears: silero's recurrent ``state`` is ``[2, batch, 128]``. An input without it is
+    not batched (a scalar setting), and ``constants`` gives such inputs their value.
+    """
+    constants = constants or {}
+    inputs = [x for x in model.graph.inputs if not x.is_initializer()]
+    first = list(inputs[0].shape or []) if inputs else []
+    batch = first[0] if first and not isinstance(first[0], int) else None
+    specs = []  # (name, dtype, dims with None at the batch axis)
+    for i, v in enumerate(inputs):
         dims = list(v.shape or [])
-        rest = [d if isinstance(d, int) else 16 for d in dims[1:]]
+        at = next((k for k, d in enumerate(dims) if batch is not None and not isinstance(d, int)
+                   and str(d) == str(batch)), None)
+        if at is None and dims and v.name not in constants:
+            at = 0  # otherwise the leading axis, as before (fixed-batch files are stacked on it)
+        sizes = [d if isinstance(d, int) else 16 for d in dims]
         if i == 0 and shape is not None:
-            rest = list(shape)
-        specs.append((v.dtype, rest))
+            sizes = [sizes[0], *shape]
+        if at is not None:
+            sizes[at] = None
+        specs.append((v.name, v.dtype, sizes))
 
     def sample(rng: np.random.Generator, n: int) -> list[np.ndarray]:
         out = []
-        for dtype, rest in specs:
+        for name, dtype, sizes in specs:
             np_type = dtype.numpy() if dtype is not None else np.float32
-            if np.issubdtype(np_type, np.integer):
-                out.append(rng.integers(0, 8, size=(n, *rest)).astype(np_type))
+            dims = [n if d is None else d for d in sizes]
+            if name in constants:
+                out.append(np.full(dims, constants[name], dtype=np_type))
+            elif np.issubdtype(np_type, np.integer):
+                out.append(rng.integers(0, 8, size=dims).astype(np_type))
             else:
-                out.append(rng.standard_normal((n, *rest)).astype(np_type))
+                out.append(rng.standard_normal(dims).astype(np_type))
         return out
-    del ir
     return sample
 
 
