@@ -144,3 +144,23 @@ def test_no_matmul_is_kept_with_a_warning() -> None:
 def test_bad_options_are_input_errors(options: dict) -> None:
     with pytest.raises(InputError):
         load_recipe([{"pass": "quantize-weights", **options}])
+
+
+def test_a_weight_shared_by_two_transposed_gemms() -> None:
+    """The zoo's control-flow model applies one Linear twice: split_gemms registered its
+    transposed copy twice under one name, an internal error in onnx_ir."""
+    rng = np.random.default_rng(3)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) / 8, "w")
+    b = onnx.numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    nodes = [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+             onnx.helper.make_node("Relu", ["h"], ["r"]),
+             onnx.helper.make_node("Gemm", ["r", "w", "b"], ["y"], transB=1)]
+    graph = onnx.helper.make_graph(
+        nodes, "shared", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])], [w, b])
+    model = ir.serde.deserialize_model(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    out, report = onnxopt.optimize(model, ["quantize-weights"])
+    assert len(_nbits(out)) == 2, report.passes[-1].notes
+    x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    assert cosine_similarity(_run(model, x)[0], _run(out, x)[0]) > 0.99

@@ -48,8 +48,14 @@ def split_gemms(model: ir.Model) -> int:
             continue
         weight = node.inputs[1]
         if _attr(node, "transB", 0):
+            # A copy per Gemm, under a free name: one Linear applied twice shares its weight, and
+            # ORT's quantizer names its packed weights and zero points after the weight, so a
+            # shared copy quantized at two bit widths (a head at 8) would clash.
             data = np.ascontiguousarray(constant_2d(weight).T)
-            weight = ir.Value(name=f"{weight.name}_t", const_value=ir.tensor(data))
+            name = f"{weight.name}_t"
+            while name in graph.initializers:
+                name += "_"
+            weight = ir.Value(name=name, const_value=ir.tensor(data))
             weight.type, weight.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(data.shape)
             graph.register_initializer(weight)
         name = node.name or f"gemm_{count}"
