@@ -12,26 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import onnx
 from rich.console import Console
 from rich.table import Table
 
 from onnxopt.pipeline import OptimizationReport, PassRecord
-from onnxopt.stats import macs_text
+from onnxopt.stats import file_bytes, macs_text
 
 
 def step_description(index: int, total: int, name: str) -> str:
     """The progress bar's text before step ``index`` (0-based) of ``total``: ``step 2/3: fuse``."""
     return f"step {index + 1}/{total}: {name}"
-
-
-def file_bytes(path: str | Path) -> int:
-    """Bytes of a model file as stored, plus the external data files it names."""
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    names = {entry.value for t in proto.graph.initializer for entry in t.external_data
-             if entry.key == "location"}
-    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in names)
 
 
 def print_summary(console: Console, rep: OptimizationReport, source: Path, output: Path) -> None:

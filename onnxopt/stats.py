@@ -147,13 +147,24 @@ def _zipped_size(model: ir.Model, proto: onnx.ModelProto) -> int:
     return total + len(zlib.compress(proto.SerializeToString(), 6))
 
 
+def external_data_files(proto: onnx.ModelProto) -> set[str]:
+    """The external data files a model names (relative to its folder)."""
+    return {entry.value for t in proto.graph.initializer for entry in t.external_data
+            if entry.key == "location"}
+
+
+def file_bytes(path: str | Path) -> int:
+    """Bytes of a model file as stored, plus the external data files it names."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    return path.stat().st_size + sum((path.parent / n).stat().st_size
+                                     for n in external_data_files(proto))
+
+
 def _file_sizes(path: Path) -> tuple[int, int]:
     """Bytes and zipped bytes of a model file plus its external data files."""
     model_bytes = path.read_bytes()
-    proto = onnx.load_from_string(model_bytes)
-    data_files = {
-        entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"
-    }
+    data_files = external_data_files(onnx.load_from_string(model_bytes))
     total = len(model_bytes) + sum((path.parent / n).stat().st_size for n in data_files)
     if total > EXTERNAL_DATA_THRESHOLD:  # as in model_stats: zlib would take minutes (~10 MB/s)
         return total, total

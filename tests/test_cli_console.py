@@ -14,7 +14,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnxopt.cli_summary import file_bytes, step_description
+from onnxopt.cli_summary import step_description
+from onnxopt.stats import file_bytes
 from onnxopt.recipes import builtin_recipes
 
 
